@@ -1,0 +1,113 @@
+"""openclip-lite: OpenAI's CLIP models in pure PyTorch, with OpenAI's API (`import openclip_lite as clip`)."""
+
+import os
+import warnings
+from typing import Callable, Optional, Union
+
+import torch
+
+from .errors import (
+    CheckpointError,
+    ChecksumError,
+    DownloadError,
+    ImageError,
+    MissingDependencyError,
+    OpenCLIPLiteError,
+    UnknownModelError,
+    UnsafeCheckpointError,
+)
+from .loss import contrastive_loss
+from .model import CLIP, build_model, convert_weights
+from .pretrained import available_models
+from .tokenizer import SimpleTokenizer, tokenize
+from .transform import preprocess as _transform
+from .version import __version__
+from .zeroshot import DEFAULT_TEMPLATES, IMAGENET_CLASSES, IMAGENET_TEMPLATES, classify, image_features, top_k, zero_shot_classifier
+
+__all__ = [
+    "available_models",
+    "load",
+    "tokenize",
+    "build_model",
+    "CLIP",
+    "SimpleTokenizer",
+    "zero_shot_classifier",
+    "classify",
+    "image_features",
+    "top_k",
+    "contrastive_loss",
+    "DEFAULT_TEMPLATES",
+    "IMAGENET_CLASSES",
+    "IMAGENET_TEMPLATES",
+    "__version__",
+    "OpenCLIPLiteError",
+    "UnknownModelError",
+    "CheckpointError",
+    "UnsafeCheckpointError",
+    "DownloadError",
+    "ChecksumError",
+    "ImageError",
+    "MissingDependencyError",
+]
+
+
+def load(
+    name: str,
+    device: Union[str, torch.device, None] = None,
+    jit: bool = False,
+    download_root: Optional[str] = None,
+    source: Optional[str] = None,
+    dtype: Optional[torch.dtype] = None,
+) -> tuple[CLIP, Callable]:
+    """Load a CLIP model and the preprocessing that goes with it.
+
+    name : one of `available_models()` (downloaded, verified and cached) or the path of a checkpoint file
+        (OpenAI's TorchScript archives, torch state dicts, safetensors; nothing in the file is executed)
+    device : None picks CUDA when available, then MPS, else the CPU
+    jit : accepted for compatibility with OpenAI's `clip.load`; TorchScript breaks on current PyTorch, so the
+        regular model is returned (with a warning), which is as fast: see `benchmarks/`
+    download_root : the cache directory; by default Hugging Face's cache (hub) or ~/.cache/clip (openai)
+    source : "hub" (default, or env OPENCLIP_LITE_SOURCE) or "openai" (OpenAI's original URLs)
+    dtype : the weights' dtype; by default fp16 on CUDA (as OpenAI's `load`) and fp32 elsewhere
+
+    Returns (model in eval mode, preprocess: PIL image -> tensor (3, res, res)).
+    """
+    device = _resolve_device(device)
+    if jit:
+        warnings.warn("jit=True is not supported (TorchScript breaks on current PyTorch); returning the regular model", stacklevel=2)
+    if os.path.isfile(name):
+        path = name
+    else:
+        from .download import download
+
+        path = download(name, root=download_root, source=source)
+
+    from .checkpoint import load_state_dict
+
+    model = build_model(load_state_dict(path))
+    if dtype is None:
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+    if dtype != torch.float32:
+        convert_weights(model, dtype)
+    model = model.to(device)
+    return model, _transform(model.visual.input_resolution)
+
+
+def _resolve_device(device: Union[str, torch.device, None]) -> torch.device:
+    if device is None:
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"unknown device {device!r}; use 'cpu', 'cuda', 'cuda:N' or 'mps'") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} was asked for but CUDA is not available here; use device='cpu'")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device {str(device)!r} does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("device 'mps' was asked for but MPS is not available here; use device='cpu'")
+    return device

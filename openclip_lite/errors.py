@@ -1,0 +1,50 @@
+"""The exceptions openclip-lite raises on bad input.
+
+Each one subclasses the builtin a caller would already catch (ValueError for bad values, RuntimeError where
+OpenAI's `clip` raised RuntimeError), so code written against `clip` keeps working, and
+`except OpenCLIPLiteError` catches everything we raise on purpose.
+"""
+
+
+class OpenCLIPLiteError(Exception):
+    """Base class of every error openclip-lite raises on purpose."""
+
+
+class UnknownModelError(OpenCLIPLiteError, ValueError, RuntimeError):
+    """A model name that is neither one of the released models nor a file."""
+
+
+class CheckpointError(OpenCLIPLiteError, ValueError):
+    """A file that is not a readable CLIP checkpoint (corrupt, truncated, another model, missing keys)."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint that could only be read by executing code from the file (an arbitrary pickle)."""
+
+
+class DownloadError(OpenCLIPLiteError, RuntimeError):
+    """A download that failed: HTTP error, cut connection, offline without a cached copy."""
+
+
+class ChecksumError(DownloadError):
+    """A downloaded file whose SHA256 does not match the published one."""
+
+
+class ImageError(OpenCLIPLiteError, ValueError):
+    """An image that cannot be opened or decoded."""
+
+
+class MissingDependencyError(OpenCLIPLiteError, ImportError):
+    """An optional extra that is not installed; the message names the pip command to run."""
+
+
+def require(module: str, extra: str):
+    """Import an optional dependency, or raise MissingDependencyError naming the extra to install."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise MissingDependencyError(
+            f"{module} is not installed; run: pip install \"openclip-lite[{extra}]\""
+        ) from e

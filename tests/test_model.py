@@ -1,0 +1,109 @@
+"""Our model against OpenAI's code, on random weights, for all nine released architectures."""
+
+import pytest
+import torch
+from PIL import Image
+
+import openclip_lite as clip
+from openclip_lite.checkpoint import save_safetensors
+from openclip_lite.model import build_model
+from openclip_lite.pretrained import ARCHITECTURES
+from reference import openai_clip, reference_model, relative_error
+
+ARCHS = list(ARCHITECTURES)
+FORMATS = ["state_dict", "torchscript", "safetensors"]
+TEXTS = ["a diagram", "a photo of a dog.", "a much longer caption about a small cat sitting on a red mat in the sun", ""]
+
+
+def save(model: torch.nn.Module, fmt: str, path, image: torch.Tensor, text: torch.Tensor) -> None:
+    if fmt == "state_dict":
+        torch.save(model.state_dict(), path)
+    elif fmt == "torchscript":  # the container OpenAI released its models in
+        traced = torch.jit.trace_module(model, {"encode_image": image[:1], "encode_text": text[:1]}, check_trace=False)
+        traced.save(str(path))
+    else:  # the hub's layout: the same keys, fp32, without the int entries
+        state_dict = {k: v for k, v in model.state_dict().items() if k not in ("input_resolution", "context_length", "vocab_size")}
+        save_safetensors(state_dict, path)
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def arch_case(request):
+    arch = request.param
+    ref = reference_model(arch)
+    res = ref.visual.input_resolution
+    g = torch.Generator().manual_seed(0)
+    image = torch.randn(2, 3, res, res, generator=g)
+    text = openai_clip.tokenize(TEXTS)
+    with torch.no_grad():
+        expected = ref.encode_image(image), ref.encode_text(text), ref(image, text)[0]
+    return arch, ref, image, text, expected
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_load_matches_reference(arch_case, fmt, tmp_path):
+    arch, ref, image, text, (image_features, text_features, logits) = arch_case
+    path = tmp_path / f"model.{fmt}"
+    save(ref, fmt, path, image, text)
+    model, preprocess = clip.load(str(path), device="cpu")
+    assert not model.training
+    assert model.dtype == torch.float32
+    assert model.visual.input_resolution == ref.visual.input_resolution
+    assert model.context_length == 77 and model.vocab_size == 49408
+    with torch.no_grad():
+        assert relative_error(model.encode_image(image), image_features) < 1e-5
+        assert relative_error(model.encode_text(text), text_features) < 1e-5
+        logits_per_image, logits_per_text = model(image, text)
+    assert relative_error(logits_per_image, logits) < 1e-5
+    assert torch.equal(logits_per_text, logits_per_image.t())
+    assert preprocess(Image.new("RGB", (300, 200))).shape == (3, ref.visual.input_resolution, ref.visual.input_resolution)
+
+
+@pytest.mark.parametrize("arch", ["ViT-B/32", "RN50"])
+def test_state_dict_keys_are_openai_keys(arch):
+    ref = reference_model(arch)
+    ours = build_model(ref.state_dict())
+    expected = {k for k in ref.state_dict() if k not in ("input_resolution", "context_length", "vocab_size")}
+    assert set(ours.state_dict()) == expected
+    ours.load_state_dict({k: ref.state_dict()[k] for k in expected}, strict=True)
+
+
+def test_text_features_do_not_depend_on_batch_padding():
+    # the text tower stops at the batch's last EOT: a short prompt alone and beside a long one must agree
+    model = build_model(reference_model("ViT-B/32").state_dict())
+    short, long = openai_clip.tokenize(["a dog"]), openai_clip.tokenize(["a dog " * 30])
+    with torch.no_grad():
+        alone = model.encode_text(short)
+        together = model.encode_text(torch.cat([short, long]))[:1]
+    assert relative_error(alone, together) < 1e-6
+
+
+def test_int32_tokens_work():
+    model = build_model(reference_model("tiny-vit").state_dict())
+    tokens = openai_clip.tokenize(["a dog", "a cat"])
+    with torch.no_grad():
+        assert torch.equal(model.encode_text(tokens.int()), model.encode_text(tokens.long()))
+
+
+def test_too_many_tokens_is_a_clear_error():
+    model = build_model(reference_model("tiny-vit").state_dict())
+    with pytest.raises(ValueError, match="context length is 77"):
+        model.encode_text(torch.zeros(1, 78, dtype=torch.long))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("arch", ["ViT-B/32", "RN50"])
+def test_cuda_fp16_matches_reference(arch, tmp_path):
+    ref = reference_model(arch)
+    path = tmp_path / "model.pt"
+    torch.save(ref.state_dict(), path)
+    model, _ = clip.load(str(path), device="cuda")
+    assert model.dtype == torch.float16
+    # OpenAI's load on CUDA: build_model converts to fp16 (convert_weights) and keeps LayerNorm/BatchNorm in fp32
+    expected_model = openai_clip.model.build_model(ref.state_dict()).cuda().eval()
+    image = torch.randn(4, 3, ref.visual.input_resolution, ref.visual.input_resolution, device="cuda")
+    text = openai_clip.tokenize(TEXTS).cuda()
+    with torch.no_grad():
+        assert relative_error(model.encode_image(image), expected_model.encode_image(image)) < 1e-2
+        assert relative_error(model.encode_text(text), expected_model.encode_text(text)) < 1e-2
+    for name, param in model.state_dict().items():
+        assert param.dtype == expected_model.state_dict()[name].dtype, name
