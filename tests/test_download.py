@@ -1,0 +1,456 @@
+"""download.py against real HTTP: a loopback Hub and a loopback file host, started here, serving a tiny CLIP."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from hub_server import FileServer
+from huggingface_hub import constants as hf_constants
+from huggingface_hub import try_to_load_from_cache
+from PIL import Image
+from safetensors.torch import save as safetensors_bytes
+
+import openclip_lite
+from openclip_lite import download as dl
+from openclip_lite import pretrained
+from openclip_lite.errors import ChecksumError, DownloadError, UnknownModelError
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # clip-anytorch imports pkg_resources, which warns
+    from clip.model import CLIP as ReferenceCLIP
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+NAME = "Test-Tiny"
+REPO = "openclip-lite-test/tiny-clip"
+SAFETENSORS, BIN = pretrained.HUB_FILES
+OPENAI_FILE = "Test-Tiny.pt"
+TINY = {
+    "embed_dim": 64,
+    "image_resolution": 32,
+    "vision_layers": 2,
+    "vision_width": 64,
+    "vision_patch_size": 16,
+    "context_length": 77,
+    "vocab_size": 49408,
+    "transformer_width": 64,
+    "transformer_heads": 1,
+    "transformer_layers": 2,
+}
+OFFLINE_VARS = ("HF_HUB_OFFLINE", dl.OFFLINE_ENV)
+# the env vars set while running, or HF_HUB_OFFLINE set before huggingface_hub was imported (it reads it then)
+OFFLINE_WAYS = (*OFFLINE_VARS, "HF_HUB_OFFLINE at import")
+
+
+@dataclass(frozen=True)
+class Tiny:
+    model: torch.nn.Module
+    safetensors: bytes  # the hub's open_clip_model.safetensors: fp32, no int entries
+    bin: bytes  # the hub's open_clip_pytorch_model.bin: the same state dict, torch.save'd
+    openai: bytes  # stands in for OpenAI's fp16 archive: download only checks its SHA256
+
+    @property
+    def openai_sha256(self) -> str:
+        return hashlib.sha256(self.openai).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def tiny() -> Tiny:
+    torch.manual_seed(0)
+    model = ReferenceCLIP(**TINY).float().eval()
+    state = {
+        k: v.contiguous()
+        for k, v in model.state_dict().items()
+        if k not in ("input_resolution", "context_length", "vocab_size")
+    }
+    return Tiny(
+        model, safetensors_bytes(state), _torch_bytes(state), _torch_bytes({k: v.half() for k, v in state.items()})
+    )
+
+
+def _torch_bytes(obj) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch, tmp_path):
+    """No setting of the machine running the tests leaks in, and nothing is written to its real caches."""
+    for var in (*OFFLINE_VARS, dl.SOURCE_ENV, dl.OPENAI_URL_ENV, "HF_ENDPOINT", "HF_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hf-default-cache"))
+
+
+@pytest.fixture
+def server():
+    with FileServer() as s:
+        yield s
+
+
+@pytest.fixture
+def hub(server, tiny, monkeypatch) -> FileServer:
+    """The loopback server as the Hub (HF_ENDPOINT) and as OpenAI's host, with Test-Tiny registered."""
+    server.add_hub_file(REPO, SAFETENSORS, tiny.safetensors)
+    server.add_hub_file(REPO, BIN, tiny.bin)
+    url = server.add(f"/clip/models/{tiny.openai_sha256}/{OPENAI_FILE}", tiny.openai)
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    monkeypatch.setitem(pretrained.MODELS, NAME, pretrained.Pretrained(REPO, url, 32))
+    return server
+
+
+@pytest.fixture
+def cache(tmp_path) -> Path:
+    return tmp_path / "cache"
+
+
+def hub_path(name: str) -> str:
+    return f"/{REPO}/resolve/main/{name}"
+
+
+def openai_path(tiny: Tiny) -> str:
+    return f"/clip/models/{tiny.openai_sha256}/{OPENAI_FILE}"
+
+
+def files_under(root: Path) -> list[str]:
+    """Every file and link under `root`, relative, sorted."""
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() or p.is_symlink())
+
+
+def assert_nothing_trusted(root: Path) -> None:
+    """No cached Hub file a later call would use, no blob, no partial download left behind."""
+    for filename in pretrained.HUB_FILES:
+        assert not isinstance(try_to_load_from_cache(REPO, filename, cache_dir=root), str)
+    leftovers = [f for f in files_under(root) if "/blobs/" in f or "/snapshots/" in f or f.endswith(".incomplete")]
+    assert leftovers == []
+
+
+def go_offline(monkeypatch, way: str) -> None:
+    if way == "HF_HUB_OFFLINE at import":
+        monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    else:
+        monkeypatch.setenv(way, "1")
+
+
+def closed_port_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+# ---- names and sources -------------------------------------------------------------------------------------------
+
+
+def test_unknown_name_lists_models_and_suggests_a_close_match(server):
+    with pytest.raises(UnknownModelError) as info:
+        dl.download("ViT-B-32")  # raised before any file or network access
+    message = str(info.value)
+    assert all(name in message for name in pretrained.available_models())
+    assert "Did you mean 'ViT-B/32'" in message
+    assert isinstance(info.value, ValueError) and isinstance(info.value, RuntimeError)  # what `clip` callers catch
+    assert server.requests() == []
+
+
+@pytest.mark.parametrize(
+    "argument, env, expected",
+    [(None, None, "hub"), (None, "openai", "openai"), ("hub", "openai", "hub"), ("openai", None, "openai")],
+)
+def test_source_argument_and_env_var(hub, tiny, cache, monkeypatch, argument, env, expected):
+    if env:
+        monkeypatch.setenv(dl.SOURCE_ENV, env)
+    path = dl.download(NAME, root=cache, source=argument, progress=False)
+    if expected == "hub":
+        assert Path(path).name == SAFETENSORS and hub.requests("GET", hub_path(SAFETENSORS))
+        assert hub.requests(path=openai_path(tiny)) == []
+    else:
+        assert path == str(cache / OPENAI_FILE) and hub.requests("GET", openai_path(tiny))
+        assert hub.requests(path=hub_path(SAFETENSORS)) == []
+
+
+@pytest.mark.parametrize("where", ["argument", "env"])
+def test_invalid_source_names_the_choices(hub, cache, monkeypatch, where):
+    if where == "env":
+        monkeypatch.setenv(dl.SOURCE_ENV, "azure")
+    with pytest.raises(ValueError, match="hub, openai") as info:
+        dl.download(NAME, root=cache, source="azure" if where == "argument" else None)
+    assert (dl.SOURCE_ENV in str(info.value)) == (where == "env")
+
+
+# ---- hub ---------------------------------------------------------------------------------------------------------
+
+
+def test_hub_first_download_then_cached_without_requests(hub, tiny, cache):
+    path = dl.download(NAME, root=cache, progress=False)
+    assert Path(path).is_relative_to(cache) and Path(path).name == SAFETENSORS
+    assert Path(path).read_bytes() == tiny.safetensors
+    assert len(hub.requests("GET", hub_path(SAFETENSORS))) == 1
+
+    hub.clear_log()
+    assert dl.download(NAME, root=cache, progress=False) == path
+    assert hub.requests() == []
+
+
+@pytest.mark.parametrize("offline", OFFLINE_WAYS)
+def test_hub_offline_uses_cache_without_requests(hub, tiny, cache, monkeypatch, offline):
+    path = dl.download(NAME, root=cache, progress=False)
+    go_offline(monkeypatch, offline)
+    hub.clear_log()
+    assert dl.download(NAME, root=cache, progress=False) == path
+    assert hub.requests() == []
+
+
+@pytest.mark.parametrize("offline", OFFLINE_WAYS)
+def test_hub_offline_without_cache_says_how_to_get_the_model(hub, cache, monkeypatch, offline):
+    go_offline(monkeypatch, offline)
+    with pytest.raises(DownloadError, match=f"'{NAME}'.*offline") as info:
+        dl.download(NAME, root=cache, progress=False)
+    assert f"openclip-lite download {NAME}" in str(info.value)
+    assert hub.requests() == []
+
+
+def test_hub_unreachable_uses_the_cache(hub, tiny, cache, monkeypatch):
+    path = dl.download(NAME, root=cache, progress=False)
+    monkeypatch.setenv("HF_ENDPOINT", closed_port_url())
+    assert dl.download(NAME, root=cache, progress=False) == path
+
+
+@pytest.mark.slow  # huggingface_hub retries an unreachable Hub for ~23 s (1+2+4+8+8 s) before it gives up
+def test_hub_unreachable_without_cache_says_how_to_get_the_model(tiny, cache, monkeypatch):
+    monkeypatch.setitem(pretrained.MODELS, NAME, pretrained.Pretrained(REPO, "unused/0/x.pt", 32))
+    monkeypatch.setenv("HF_ENDPOINT", closed_port_url())
+    with pytest.raises(DownloadError, match=f"Could not reach the Hub.*'{NAME}'.*ConnectError") as info:
+        dl.download(NAME, root=cache, progress=False)
+    assert f"openclip-lite download {NAME}" in str(info.value) and info.value.__cause__ is not None
+
+
+def test_hub_falls_back_to_bin_when_safetensors_is_missing(hub, tiny, cache):
+    del hub.files[hub_path(SAFETENSORS)]
+    path = dl.download(NAME, root=cache, progress=False)
+    assert Path(path).name == BIN and Path(path).read_bytes() == tiny.bin
+
+    hub.clear_log()  # the missing safetensors is remembered too: no request at all next time
+    assert dl.download(NAME, root=cache, progress=False) == path
+    assert hub.requests() == []
+
+
+def test_hub_repo_without_either_file_is_one_error(hub, cache):
+    del hub.files[hub_path(SAFETENSORS)], hub.files[hub_path(BIN)]
+    with pytest.raises(DownloadError, match=f"{REPO}.*{SAFETENSORS}.*{BIN}.*'{NAME}'") as info:
+        dl.download(NAME, root=cache, progress=False)
+    assert info.value.__cause__ is not None
+    assert_nothing_trusted(cache)
+
+
+def test_hub_missing_repo_is_one_error(hub, cache, monkeypatch):
+    monkeypatch.setitem(pretrained.MODELS, NAME, pretrained.Pretrained("nobody/nothing", "unused/0/x.pt", 32))
+    with pytest.raises(DownloadError, match="'Test-Tiny'.*nobody/nothing.*RepositoryNotFoundError"):
+        dl.download(NAME, root=cache, progress=False)
+    assert_nothing_trusted(cache)
+
+
+def test_hub_retries_a_download_cut_once(hub, tiny, cache):
+    hub.fault(hub_path(SAFETENSORS), "cut-once")
+    path = dl.download(NAME, root=cache, progress=False)
+    assert Path(path).read_bytes() == tiny.safetensors
+    # huggingface_hub resumes from the last whole 10 MiB chunk it wrote: here the start of the file
+    assert len(hub.requests("GET", hub_path(SAFETENSORS))) == 2
+
+
+def test_hub_connection_cut_for_good_is_an_error_then_a_retry_works(hub, tiny, cache):
+    hub.fault(hub_path(SAFETENSORS), "cut")  # huggingface_hub retries 5 times, a second apart, then gives up
+    with pytest.raises(DownloadError, match=f"'{NAME}'.*failed") as info:
+        dl.download(NAME, root=cache, progress=False)
+    assert info.value.__cause__ is not None
+    assert_nothing_trusted(cache)
+
+    hub.fault(hub_path(SAFETENSORS), None)
+    assert Path(dl.download(NAME, root=cache, progress=False)).read_bytes() == tiny.safetensors
+
+
+def test_hub_tampered_file_is_rejected_and_not_cached(hub, tiny, cache):
+    hub.fault(hub_path(SAFETENSORS), "tamper")
+    with pytest.raises(ChecksumError, match=f"'{NAME}'"):
+        dl.download(NAME, root=cache, progress=False)
+    assert_nothing_trusted(cache)
+
+    hub.fault(hub_path(SAFETENSORS), None)
+    assert Path(dl.download(NAME, root=cache, progress=False)).read_bytes() == tiny.safetensors
+
+
+def test_hub_corrupt_cached_file_is_downloaded_again(hub, tiny, cache, monkeypatch):
+    path = dl.download(NAME, root=cache, progress=False)
+    blob = Path(os.path.realpath(path))
+    blob.write_bytes(b"\0" * len(tiny.safetensors))
+
+    monkeypatch.setenv(dl.OFFLINE_ENV, "1")
+    with pytest.raises(ChecksumError, match="corrupt"):  # offline, a corrupt file is an error, never a result
+        dl.download(NAME, root=cache, progress=False)
+
+    monkeypatch.delenv(dl.OFFLINE_ENV)
+    with pytest.warns(UserWarning, match="corrupt"):
+        path = dl.download(NAME, root=cache, progress=False)
+    assert Path(path).read_bytes() == tiny.safetensors
+    assert len(hub.requests("GET", hub_path(SAFETENSORS))) == 2
+
+
+# ---- openai ------------------------------------------------------------------------------------------------------
+
+
+def test_openai_first_download_then_cached_without_requests(hub, tiny, cache, capfd):
+    path = dl.download(NAME, root=cache, source="openai")
+    assert path == str(cache / OPENAI_FILE) and Path(path).read_bytes() == tiny.openai
+    assert f"{NAME}: 100%" in capfd.readouterr().err  # the tqdm bar
+    assert len(hub.requests("GET", openai_path(tiny))) == 1
+    assert files_under(cache) == [OPENAI_FILE, OPENAI_FILE + ".lock"]
+
+    hub.clear_log()
+    assert dl.download(NAME, root=cache, source="openai", progress=False) == path
+    assert hub.requests() == []
+
+
+@pytest.mark.parametrize("offline", OFFLINE_WAYS)
+def test_openai_offline(hub, tiny, cache, monkeypatch, offline):
+    path = dl.download(NAME, root=cache, source="openai", progress=False)
+    go_offline(monkeypatch, offline)
+    hub.clear_log()
+    assert dl.download(NAME, root=cache, source="openai", progress=False) == path
+
+    with pytest.raises(DownloadError, match=f"'{NAME}'.*offline") as info:
+        dl.download(NAME, root=cache / "empty", source="openai", progress=False)
+    assert f"openclip-lite download {NAME}" in str(info.value)
+    assert hub.requests() == []
+
+
+def test_openai_unreachable_says_how_to_get_the_model(tiny, cache, monkeypatch):
+    url = f"{closed_port_url()}/clip/models/{tiny.openai_sha256}/{OPENAI_FILE}"
+    monkeypatch.setitem(pretrained.MODELS, NAME, pretrained.Pretrained(REPO, url, 32))
+    with pytest.raises(DownloadError, match=f"'{NAME}'.*ConnectionRefusedError") as info:
+        dl.download(NAME, root=cache, source="openai", progress=False)
+    assert f"openclip-lite download {NAME}" in str(info.value) and info.value.__cause__ is not None
+
+
+def test_openai_connection_cut_is_an_error_then_a_retry_works(hub, tiny, cache):
+    hub.fault(openai_path(tiny), "cut")
+    with pytest.raises(DownloadError, match=f"closed after {len(tiny.openai) // 2} of {len(tiny.openai)} bytes"):
+        dl.download(NAME, root=cache, source="openai", progress=False)
+    assert files_under(cache) == [OPENAI_FILE + ".lock"]
+
+    hub.fault(openai_path(tiny), None)
+    assert Path(dl.download(NAME, root=cache, source="openai", progress=False)).read_bytes() == tiny.openai
+
+
+def test_openai_tampered_file_is_rejected_and_not_cached(hub, tiny, cache):
+    hub.fault(openai_path(tiny), "tamper")
+    with pytest.raises(ChecksumError, match=f"'{NAME}'.*{tiny.openai_sha256}"):
+        dl.download(NAME, root=cache, source="openai", progress=False)
+    assert files_under(cache) == [OPENAI_FILE + ".lock"]
+
+
+def test_openai_corrupt_cached_file_is_downloaded_again(hub, tiny, cache, monkeypatch):
+    cache.mkdir()
+    (cache / OPENAI_FILE).write_bytes(b"not the model")
+
+    monkeypatch.setenv(dl.OFFLINE_ENV, "1")
+    with pytest.raises(ChecksumError, match="corrupt"):
+        dl.download(NAME, root=cache, source="openai", progress=False)
+    assert hub.requests() == []
+
+    monkeypatch.delenv(dl.OFFLINE_ENV)
+    with pytest.warns(UserWarning, match="does not match"):
+        path = dl.download(NAME, root=cache, source="openai", progress=False)
+    assert Path(path).read_bytes() == tiny.openai
+
+
+def test_openai_404_is_one_error(hub, tiny, cache):
+    del hub.files[openai_path(tiny)]
+    with pytest.raises(DownloadError, match="HTTP 404") as info:
+        dl.download(NAME, root=cache, source="openai", progress=False)
+    assert info.value.__cause__ is not None
+    assert files_under(cache) == [OPENAI_FILE + ".lock"]
+
+
+def test_openai_base_url_override(server, tiny, cache, monkeypatch):
+    official = f"https://openaipublic.azureedge.net/clip/models/{tiny.openai_sha256}/{OPENAI_FILE}"
+    monkeypatch.setitem(pretrained.MODELS, NAME, pretrained.Pretrained(REPO, official, 32))
+    mirrored = f"/mirror/clip/models/{tiny.openai_sha256}/{OPENAI_FILE}"
+    server.add(mirrored, tiny.openai)
+    monkeypatch.setenv(dl.OPENAI_URL_ENV, server.url + "/mirror/clip/models/")
+
+    path = dl.download(NAME, root=cache, source="openai", progress=False)
+    assert Path(path).read_bytes() == tiny.openai
+    assert [r.path for r in server.requests()] == [mirrored]
+    assert dl.openai_url(pretrained.MODELS["ViT-B/32"]) == server.url + "/mirror/clip/models/" + "/".join(
+        pretrained.MODELS["ViT-B/32"].url.split("/")[-2:]
+    )
+
+
+# ---- two processes -----------------------------------------------------------------------------------------------
+
+_CHILD = textwrap.dedent(
+    """
+    import sys
+    from openclip_lite import download, pretrained
+    name, repo, url = sys.argv[1:]
+    pretrained.MODELS[name] = pretrained.Pretrained(repo, url, 32)
+    print(download.download(name, progress=False))  # the source comes from OPENCLIP_LITE_SOURCE
+    print(download.download(name, source="hub" if download.resolve_source() == "openai" else "openai", progress=False))
+    """
+)
+
+
+def test_two_processes_download_the_same_model_once(hub, tiny, tmp_path):
+    """Both sources, default caches (HF_HOME, ~/.cache/clip), settings from the environment, at the same time."""
+    hub.delay_s = 1.5  # every body is held back, so both processes are inside download() while it is in flight
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO_ROOT),
+        "HF_ENDPOINT": hub.url,
+        "HF_HOME": str(tmp_path / "hf"),
+        "HOME": str(tmp_path / "home"),
+        dl.SOURCE_ENV: "openai",
+    }
+    args = [sys.executable, "-c", _CHILD, NAME, REPO, hub.url + openai_path(tiny)]
+    children = [
+        subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in "ab"
+    ]
+    results = [child.communicate(timeout=90) for child in children]
+    assert [child.returncode for child in children] == [0, 0], results
+    paths = {tuple(out.split()) for out, _ in results}
+    assert len(paths) == 1
+    openai_file, hub_file = map(Path, paths.pop())
+
+    assert openai_file == tmp_path / "home" / ".cache" / "clip" / OPENAI_FILE
+    assert openai_file.read_bytes() == tiny.openai
+    assert len(hub.requests("GET", openai_path(tiny))) == 1  # our file lock
+
+    assert hub_file.is_relative_to(tmp_path / "hf" / "hub") and hub_file.read_bytes() == tiny.safetensors
+    assert len(hub.requests("GET", hub_path(SAFETENSORS))) == 1  # huggingface_hub's file lock
+
+
+# ---- load, end to end --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("source", ["hub", "openai"])
+def test_load_by_name_through_each_source(hub, tiny, cache, source):
+    model, preprocess = openclip_lite.load(NAME, device="cpu", download_root=str(cache), source=source)
+    reference = tiny.model
+    if source == "openai":  # OpenAI's archives hold fp16 weights; on the CPU they are used as fp32
+        reference = ReferenceCLIP(**TINY).eval()
+        reference.load_state_dict({k: v.half().float() for k, v in tiny.model.state_dict().items()})
+    images = torch.stack([preprocess(Image.new("RGB", (40, 50), color)) for color in ("red", "teal")])
+    text = openclip_lite.tokenize(["a photo of a cat", "a diagram"])
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_image(images), reference.encode_image(images), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(model.encode_text(text), reference.encode_text(text), rtol=1e-4, atol=1e-5)
