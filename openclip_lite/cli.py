@@ -1,0 +1,274 @@
+"""The `openclip-lite` command. Thin: it parses arguments and calls the library's functions."""
+
+import argparse
+import json
+import os
+import sys
+import warnings
+from typing import Optional
+
+from .errors import OpenCLIPLiteError
+
+
+def cmd_models(args: argparse.Namespace) -> None:
+    from .pretrained import MODELS
+
+    for name, entry in MODELS.items():
+        print(f"{name:16s} {entry.image_size:4d}px  hub: {entry.hub_repo}")
+
+
+def cmd_download(args: argparse.Namespace) -> None:
+    from .download import download
+
+    for name in args.names:
+        print(download(name, root=args.root, source=args.source))
+
+
+def cmd_classify(args: argparse.Namespace) -> None:
+    import openclip_lite as clip
+
+    labels = [label.strip() for label in ",".join(args.labels).split(",") if label.strip()]
+    if not labels:
+        raise ValueError("give at least one label with --labels")
+    templates = clip.IMAGENET_TEMPLATES if args.templates == "imagenet" else args.templates and [args.templates]
+    model, preprocess = clip.load(args.model, device=args.device, download_root=args.root)
+    probs = clip.classify(model, preprocess, args.images, labels, templates=templates)
+    results = clip.top_k(probs, labels, args.top_k)
+    if args.json:
+        print(json.dumps([{"image": image, "top_k": [{"label": label, "probability": p} for label, p in row]} for image, row in zip(args.images, results)], indent=2))
+        return
+    print(format_table(args.images, results))
+
+
+def format_table(images: list[str], results: list[list[tuple[str, float]]]) -> str:
+    """A plain-text table: one block per image, its top labels with probabilities and a bar."""
+    lines = []
+    for image, row in zip(images, results):
+        lines.append(image)
+        for rank, (label, p) in enumerate(row, 1):
+            lines.append(f"  {rank}. {label:<24s} {100 * p:6.2f}%  {'#' * round(20 * p)}")
+    return "\n".join(lines)
+
+
+def cmd_embed(args: argparse.Namespace) -> None:
+    if getattr(args, "engine", "local") == "ray":
+        return cmd_embed_ray(args)
+    if any(getattr(args, name, None) is not None for name in ("address", "actors", "num_gpus", "shard_size")):
+        raise ValueError("--address, --actors, --num-gpus and --shard-size need --engine ray")
+    import openclip_lite as clip
+
+    from .search import SkippedImageWarning, list_images, save_search_index
+
+    paths = list_images(args.inputs)
+    if not paths:
+        raise ValueError(f"no image files in {' '.join(args.inputs)} (looked for .jpg .jpeg .png .webp .bmp .gif .tif .tiff, recursively)")
+    build_options = {"memory_budget": parse_size(args.memory_budget)} if args.memory_budget else {}
+    model, preprocess = clip.load(args.model, device=args.device, download_root=args.root)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", SkippedImageWarning)
+        warnings.showwarning = _print_warning  # one plain line per skipped file; catch_warnings restores it
+        features, kept, skipped = clip.encode_images(
+            model,
+            preprocess,
+            paths,
+            batch_size=args.batch_size,
+            num_workers=args.num_workers,
+            progress=True if args.progress else None,
+            on_error="raise" if args.strict else "skip",
+        )
+    if not kept:
+        raise ValueError(f"none of the {len(paths)} image files could be read; nothing was written to {args.out}")
+    model_name = os.path.abspath(args.model) if os.path.isfile(args.model) else args.model  # usable from any folder
+    kept_paths = [os.path.abspath(paths[i]) for i in kept]
+    written = save_search_index(args.out, features, kept_paths, model_name, kind=args.index, **build_options)
+    skipped_note = f", skipped {len(skipped)} unreadable (see the warnings above)" if skipped else ""
+    print(f"embedded {len(kept)} images with {args.model}{skipped_note}: {written} written to {args.out}")
+
+
+# ---- embed --engine ray (openclip_lite.distributed; the Ray half of `embed`) ----
+
+
+def cmd_embed_ray(args: argparse.Namespace) -> None:
+    """`embed --engine ray`: Parquet shards and a manifest in --out, embedded on a Ray cluster; resumable."""
+    from .distributed import DEFAULT_SHARD_SIZE, embed
+
+    local_only = [
+        flag
+        for flag, value in (("--index", args.index), ("--memory-budget", args.memory_budget), ("--num-workers", args.num_workers), ("--strict", args.strict), ("--device", args.device))
+        if value
+    ]
+    if local_only:
+        raise ValueError(
+            f"{', '.join(local_only)} only apply to --engine local; with --engine ray, --out is a folder of Parquet "
+            "shards, the devices are the cluster's (--num-gpus) and unreadable images are always skipped and listed"
+        )
+    source = args.inputs[0] if len(args.inputs) == 1 else args.inputs
+    result = embed(
+        source, args.model, args.out, batch_size=args.batch_size, actors=args.actors, num_gpus=args.num_gpus, address=args.address, shard_size=args.shard_size or DEFAULT_SHARD_SIZE, download_root=args.root
+    )
+    print(
+        f"embedded {result.count} images with {args.model} into {len(result.shards)} shards in {args.out} "
+        f"({len(result.written)} written now, {len(result.reused)} kept from an earlier run)"
+        + (f"; skipped {len(result.skipped)} unreadable, listed in {args.out}/manifest.json" if result.skipped else "")
+    )
+
+
+# ---- end of embed --engine ray ----
+
+
+def cmd_search(args: argparse.Namespace) -> None:
+    import torch
+
+    import openclip_lite as clip
+
+    from .search import open_search_index
+
+    if not args.queries and not args.image:
+        raise ValueError('give a text query ("two dogs in the snow") and/or --image FILE')
+    index = open_search_index(args.index_path)
+    model_name = args.model or index.model
+    if not model_name:
+        raise ValueError(f"{args.index_path} does not name its model; give it with --model")
+    model, preprocess = clip.load(model_name, device=args.device, download_root=args.root)
+    queries = []
+    if args.queries:
+        queries.append(clip.encode_texts(model, args.queries, truncate=True))
+    if args.image:
+        queries.append(clip.encode_images(model, preprocess, args.image, num_workers=0).features)
+    scores, ids = index.search(torch.cat(queries), args.top_k)
+    labels = [json.dumps(q) for q in args.queries] + [f"image {path}" for path in args.image]
+    results = [  # FAISS pads with id -1 where an index has fewer than k rows
+        [(index.paths[i], float(score)) for score, i in zip(row_scores, row_ids) if i >= 0]
+        for row_scores, row_ids in zip(scores.tolist(), _as_list(ids))
+    ]
+    if args.json:
+        asked = [{"text": q} for q in args.queries] + [{"image": path} for path in args.image]
+        answer = [{**query, "results": [{"path": path, "score": score} for path, score in row]} for query, row in zip(asked, results)]
+        print(json.dumps(answer, indent=2))
+        return
+    for label, row in zip(labels, results):
+        print(label)
+        for rank, (path, score) in enumerate(row, 1):
+            print(f"  {rank:3d}. {score:.4f}  {path}")
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from .server import serve
+
+    serve(args.index_path, host=args.host, port=args.port, device=args.device, model=args.model, download_root=args.root)
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    import openclip_lite as clip
+    from .export import export_onnx
+
+    model, _ = clip.load(args.model, device="cpu", download_root=args.root, image_size=args.image_size)
+    config = export_onnx(model, args.onnx, opset=args.opset)
+    print(f"exported {args.model} ({config['image_size']}px, {config['exporter']} exporter) to {args.onnx}: image.onnx, text.onnx, preprocess.json")
+
+
+def _as_list(ids) -> list:
+    return ids.tolist() if hasattr(ids, "tolist") else list(ids)
+
+
+def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"openclip-lite: warning: {message}", file=sys.stderr)
+
+
+def parse_size(text: str) -> int:
+    """'16GB', '512MiB', '2e9' -> bytes (decimal units are powers of 1000, binary ones of 1024)."""
+    units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+    number = text.strip().lower().rstrip("bitkmg")
+    unit = text.strip().lower()[len(number) :]
+    try:
+        return int(float(number) * units[unit])
+    except (KeyError, ValueError):
+        raise ValueError(f"cannot read {text!r} as a size; write e.g. 16GB, 512MiB or a number of bytes") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="openclip-lite", description="OpenAI's CLIP models: zero-shot classification, embedding and search.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("models", help="list the released models")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("download", help="fetch released models into the cache, for offline use later")
+    p.add_argument("names", nargs="+", help="model names, e.g. ViT-B/32")
+    p.add_argument("--root", help="cache directory (default: Hugging Face's cache, or ~/.cache/clip for --source openai)")
+    p.add_argument("--source", choices=("hub", "openai"), help="where to download from (default: hub, or $OPENCLIP_LITE_SOURCE)")
+    p.set_defaults(func=cmd_download)
+
+    p = sub.add_parser("classify", help="zero-shot classify images against text labels")
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--labels", nargs="+", required=True, help='labels, space- or comma-separated: --labels "red circle,blue square"')
+    p.add_argument("--templates", help='"imagenet" for the 80 templates of the CLIP paper, or one template with {} (default: "a photo of a {}.")')
+    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--model", default="ViT-B/32", help="a released model name or a checkpoint path")
+    p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the best available)")
+    p.add_argument("--root", help="download cache directory")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_classify)
+
+    p = sub.add_parser("embed", help="embed image folders/files into a search index")
+    p.add_argument("inputs", nargs="+", help="folders (searched recursively for image files) and/or image files")
+    p.add_argument("--out", required=True, help="index.pt or index.safetensors: one embeddings file (exact search); any other name: a FAISS index folder")
+    p.add_argument("--model", default="ViT-B/32", help="a released model name or a checkpoint path")
+    p.add_argument("--index", metavar="KIND", help="FAISS index kind for a folder --out: flat (default), ivf_flat, ivf_sq8, ivf_pq, hnsw or auto")
+    p.add_argument("--memory-budget", metavar="SIZE", help="for --index auto: the most memory the index may use, e.g. 16GB")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--num-workers", type=int, metavar="N", help="image decoding processes (default: one per CPU core, at most 16)")
+    p.add_argument("--strict", action="store_true", help="stop at the first unreadable image instead of skipping it")
+    p.add_argument("--progress", action="store_true", help="always show the progress bar (default: for 1,000 images or more, on a terminal)")
+    p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the best available)")
+    p.add_argument("--root", help="download cache directory")
+    # --engine ray: openclip_lite.distributed.embed, Parquet shards + manifest.json in --out (a folder)
+    p.add_argument("--engine", choices=("local", "ray"), default="local", help="local: this machine (default); ray: a Ray cluster, writing resumable Parquet shards to --out")
+    p.add_argument("--address", help="--engine ray: the Ray cluster, e.g. ray://head:10001 (default: $RAY_ADDRESS, else a local Ray for this run)")
+    p.add_argument("--actors", type=int, metavar="N", help="--engine ray: model actors (default: one per GPU, or one per 8 CPU cores)")
+    p.add_argument("--num-gpus", type=float, metavar="G", help="--engine ray: GPUs per actor (default: 1 where the cluster has GPUs, else 0)")
+    p.add_argument("--shard-size", type=int, metavar="N", help="--engine ray: images per Parquet shard (default: 10,000)")
+    p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser("search", help="search an index made by `embed` with text and/or images")
+    p.add_argument("index_path", metavar="INDEX", help="what `embed --out` wrote (an embeddings file or an index folder)")
+    p.add_argument("queries", nargs="*", help='text queries, e.g. "two dogs in the snow"')
+    p.add_argument("--image", action="append", default=[], metavar="FILE", help="an image to find similar images to (repeatable)")
+    p.add_argument("-k", "--top-k", type=int, default=10, help="results per query")
+    p.add_argument("--model", help="the model to encode queries with (default: the one that made the index)")
+    p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the best available)")
+    p.add_argument("--root", help="download cache directory")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a list")
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("serve", help="serve a search page and a JSON API over an index made by `embed`")
+    p.add_argument("index_path", metavar="INDEX", help="what `embed --out` wrote (an embeddings file or an index folder)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 opens it to the network)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
+    p.add_argument("--model", help="the model to encode queries with (default: the one that made the index)")
+    p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the best available)")
+    p.add_argument("--root", help="download cache directory")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("export", help="export the image and text towers to ONNX, to run without PyTorch")
+    p.add_argument("model", metavar="NAME_OR_PATH", help="a released model name or a checkpoint path")
+    p.add_argument("--onnx", required=True, metavar="DIR", help="folder to write image.onnx, text.onnx and preprocess.json to")
+    p.add_argument("--image-size", type=int, help="export for another input size (position embeddings resampled)")
+    p.add_argument("--opset", type=int, help="ONNX opset version (default: the exporter's)")
+    p.add_argument("--root", help="download cache directory")
+    p.set_defaults(func=cmd_export)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (OpenCLIPLiteError, FileNotFoundError, ValueError) as e:
+        print(f"openclip-lite: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
