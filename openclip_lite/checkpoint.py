@@ -6,14 +6,20 @@ Three containers are understood, recognised by their bytes rather than their nam
   and plain containers;
 - TorchScript archives (OpenAI's released `.pt` files): their `data.pkl` is read by our own unpickler, which
   accepts module objects, tensors and plain values and refuses every other global, so no code in the file runs.
+
+Zip containers (torch.save and TorchScript) carry a CRC32 per entry. torch's own reader does not check it, so a
+flipped bit in the weights would load as a silently wrong model; we check every CRC before trusting the bytes.
+safetensors and torch's legacy format carry no checksum: corruption inside their tensor bytes cannot be seen
+here (files from `download` are verified against their SHA256 instead).
 """
 
 import io
 import os
 import pickle
+import re
 import struct
 import zipfile
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -33,17 +39,40 @@ _STORAGE_DTYPES = {
     "BoolStorage": torch.bool,
 }
 
+# What torch's weights-only unpickler says when a file asks for more than tensors and plain containers; any other
+# UnpicklingError means bytes that are not a pickle at all (corrupt, truncated, not a checkpoint).
+_UNSAFE_PICKLE_MESSAGES = (
+    "Unsupported global",
+    "is blocked",
+    "unrecognized function",
+    "Can only create new object",
+    "Can only build",
+    "must be imported to load",
+)
+
+# A zip entry may expand (deflate) to far more than the file holds. torch writes tensor data uncompressed, so a
+# checkpoint's entries add up to about its own size; more than this is a zip bomb, not a checkpoint.
+_MAX_EXPANSION = 4
+_EXPANSION_SLACK = 1 << 20
+
+# TorchScript module trees are a few levels deep and hold a few thousand objects even for ViT-L/14; bounds far
+# above that stop a crafted data.pkl (a cycle, or one object referenced 2**n ways) from hanging the reader.
+_MAX_MODULE_DEPTH = 64
+_MAX_MODULE_VISITS = 100_000
+
 
 def load_state_dict(path: "str | os.PathLike") -> dict[str, Tensor]:
     """Read `path` (safetensors, torch.save, or TorchScript archive) into a flat `{key: tensor}` dict on the CPU.
 
     Wrappers are unwrapped (`{"state_dict": ...}`, `module.` prefixes). Raises FileNotFoundError for a missing
     file, UnsafeCheckpointError for a file that could only be read by running code from it, and
-    CheckpointError for anything else that is not a readable checkpoint.
+    CheckpointError for anything else that is not a readable checkpoint (empty, truncated, corrupt, a directory).
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint file not found: {path}")
+    if not os.path.isfile(path):  # a directory, or a FIFO/device that reading could block on forever
+        raise CheckpointError(f"{path} is not a regular file; pass the path of the checkpoint file itself")
     with open(path, "rb") as f:
         head = f.read(16)
     if not head:
@@ -53,17 +82,20 @@ def load_state_dict(path: "str | os.PathLike") -> dict[str, Tensor]:
             from safetensors.torch import load_file
 
             state_dict = load_file(path)
-        elif zipfile.is_zipfile(path) and _is_torchscript(path):
-            state_dict = _read_torchscript(path)
+        elif zipfile.is_zipfile(path):
+            state_dict = _read_zip(path)
         else:
             state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except (CheckpointError, MemoryError):
         raise
     except pickle.UnpicklingError as e:
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
+        if any(message in str(e) for message in _UNSAFE_PICKLE_MESSAGES):
+            wanted = re.search(r"GLOBAL (\S+)", str(e))
             raise UnsafeCheckpointError(
-                f"{path} contains pickled Python objects that would run code when loaded, so it was not loaded. "
-                "Re-save its weights with safetensors or torch.save(model.state_dict()) from code you trust."
+                f"{path} contains pickled Python objects"
+                + (f" ({wanted.group(1)})" if wanted else "")
+                + " that would run code when loaded, so it was not loaded. Re-save its weights with safetensors or "
+                "torch.save(model.state_dict()) from code you trust (see 'Safety' in the README)."
             ) from e
         raise _unreadable(path, e) from e
     except Exception as e:  # every reader has its own exception types for corrupt bytes; report them as one
@@ -73,9 +105,22 @@ def load_state_dict(path: "str | os.PathLike") -> dict[str, Tensor]:
 
 def _unreadable(path: str, e: Exception) -> CheckpointError:
     return CheckpointError(
-        f"could not read {path} as a checkpoint ({type(e).__name__}: {e}); the file may be truncated or corrupt: "
-        "delete it and download it again"
+        f"could not read {path} as a checkpoint ({type(e).__name__}: {_reason(e)}); the file may be truncated or "
+        "corrupt: delete it and download or save it again"
     )
+
+
+def _reason(e: Exception) -> str:
+    """The first line of what went wrong, without torch's advice to retry with weights_only=False.
+
+    That advice is wrong for a corrupt file and dangerous for an untrusted one; torch puts the actual error after
+    "WeightsUnpickler error:".
+    """
+    text = str(e)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0][:300] if lines else "no details"
 
 
 def _is_safetensors(head: bytes) -> bool:
@@ -83,16 +128,35 @@ def _is_safetensors(head: bytes) -> bool:
     return len(head) > 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] < 100_000_000
 
 
-def _is_torchscript(path: str) -> bool:
+def _read_zip(path: str) -> dict[str, Tensor]:
+    """A torch.save zip or a TorchScript archive, after checking its sizes and every entry's CRC32."""
     with zipfile.ZipFile(path) as z:
-        return any(name.endswith("/constants.pkl") or "/code/" in name for name in z.namelist())
+        infos = z.infolist()
+        declared = sum(info.file_size for info in infos)
+        if declared > _MAX_EXPANSION * os.path.getsize(path) + _EXPANSION_SLACK:
+            raise CheckpointError(
+                f"{path} is a zip archive whose entries expand to {declared} bytes, far more than the file's size; "
+                "it is not a checkpoint (torch stores tensors uncompressed)"
+            )
+        torchscript = any(info.filename.endswith("/constants.pkl") or "/code/" in info.filename for info in infos)
+        if torchscript:  # zipfile checks each CRC as _read_torchscript reads the entries it needs
+            return _read_torchscript(path, z)
+        bad = z.testzip()
+        if bad is not None:
+            raise CheckpointError(
+                f"{path} is corrupt: the CRC32 of its entry {bad!r} does not match its bytes; delete it and "
+                "download or save it again"
+            )
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _unwrap(obj: Any, path: str) -> dict[str, Tensor]:
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not obj:
+    if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict of tensors")
+    if not obj:
+        raise CheckpointError(f"{path} holds an empty dict, not a state dict of tensors")
     if all(isinstance(k, str) and k.startswith("module.") for k in obj):
         obj = {k[len("module.") :]: v for k, v in obj.items()}
     bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, Tensor)]
@@ -111,10 +175,19 @@ class _ScriptObject:
         self.state = state if isinstance(state, dict) else {}
 
 
-class _TorchScriptUnpickler(pickle.Unpickler):
-    def __init__(self, data: bytes, archive: zipfile.ZipFile, prefix: str):
+class _TorchScriptUnpickler(pickle._Unpickler):
+    """The pure-Python unpickler with two gates: `find_class` (which globals exist) and BUILD (what gets state).
+
+    The C unpickler would call `__setstate__` on whatever object BUILD is applied to, tensors included
+    (`Tensor.__setstate__` can resize storages); here only our module stand-ins take state. A data.pkl holds only
+    the module tree, a few kB even for ViT-L/14, so the pure-Python speed does not matter.
+    """
+
+    dispatch: ClassVar[dict] = dict(pickle._Unpickler.dispatch)
+
+    def __init__(self, data: bytes, archive: zipfile.ZipFile, prefix: str, path: str):
         super().__init__(io.BytesIO(data))
-        self.archive, self.prefix = archive, prefix
+        self.archive, self.prefix, self.path = archive, prefix, path
 
     def find_class(self, module: str, name: str) -> Any:
         if module.startswith("__torch__"):
@@ -122,51 +195,90 @@ class _TorchScriptUnpickler(pickle.Unpickler):
         if module == "torch" and name in _STORAGE_DTYPES:
             return _STORAGE_DTYPES[name]
         if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
-            return _rebuild_tensor
+            return self.rebuild_tensor
         if (module, name) == ("torch._utils", "_rebuild_parameter"):
             return lambda data, requires_grad, hooks: data
         if (module, name) == ("collections", "OrderedDict"):
             return dict
         if module == "torch.jit._pickle" and name in ("build_intlist", "build_doublelist", "build_boollist", "build_tensorlist", "restore_type_tag"):
             return lambda value, *tag: value
-        raise UnsafeCheckpointError(f"refusing to load {module}.{name} from a TorchScript archive")
+        raise UnsafeCheckpointError(
+            f"{self.path} is a TorchScript archive whose data.pkl asks for {module}.{name}, which a CLIP checkpoint "
+            "never needs and which could run code, so it was not loaded. Load it only if you trust it: "
+            "torch.jit.load it yourself and pass its state_dict() to build_model."
+        )
+
+    def load_build(self) -> None:
+        state = self.stack.pop()
+        target = self.stack[-1]
+        if not isinstance(target, _ScriptObject):
+            raise CheckpointError(f"{self.path}: data.pkl sets the state of a {type(target).__name__}, which TorchScript never does")
+        target.__setstate__(state)
+
+    dispatch[pickle.BUILD[0]] = load_build
 
     def persistent_load(self, pid: Any) -> Tensor:
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], torch.dtype)):
-            raise CheckpointError(f"unexpected persistent id {pid!r} in TorchScript archive")
+        if not (
+            isinstance(pid, tuple)
+            and len(pid) == 5
+            and pid[0] == "storage"
+            and isinstance(pid[1], torch.dtype)
+            and isinstance(pid[2], str)
+            and type(pid[4]) is int
+        ):
+            raise CheckpointError(f"{self.path}: unexpected persistent id {pid!r} in TorchScript archive")
         _, dtype, key, _location, numel = pid
-        data = bytearray(self.archive.read(f"{self.prefix}data/{key}"))
-        storage = torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
-        if storage.numel() != numel:
-            raise CheckpointError(f"storage {key} holds {storage.numel()} values, the archive says {numel}")
-        return storage
+        name = f"{self.prefix}data/{key}"
+        try:
+            info = self.archive.getinfo(name)
+        except KeyError:
+            raise CheckpointError(f"{self.path}: TorchScript archive has no entry {name}") from None
+        itemsize = dtype.itemsize
+        if info.file_size != numel * itemsize:  # checked before reading, so a lying size allocates nothing
+            raise CheckpointError(f"{self.path}: storage {key} holds {info.file_size} bytes, the archive says {numel} values of {itemsize} bytes")
+        data = bytearray(self.archive.read(info))  # checks the entry's CRC32
+        return torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
+
+    def rebuild_tensor(self, storage: Tensor, offset: int, size: tuple, stride: tuple, *args: Any) -> Tensor:
+        """`torch._utils._rebuild_tensor_v2` for our storages: a copy of the view, after checking its extent."""
+        if not isinstance(storage, Tensor):
+            raise CheckpointError(f"{self.path}: a tensor in the archive is built from a {type(storage).__name__}, not a storage")
+        view = torch.as_strided(storage, size, stride, offset)  # raises if the view reaches past the storage
+        # a zero stride would let a 4-byte storage claim terabytes, which clone() would then allocate
+        if view.numel() > storage.numel():
+            raise CheckpointError(f"{self.path}: a tensor of shape {tuple(size)} claims more values than its storage of {storage.numel()} holds")
+        return view.clone()
 
 
-def _rebuild_tensor(storage: Tensor, offset: int, size: tuple, stride: tuple, *args: Any) -> Tensor:
-    return torch.as_strided(storage, size, stride, offset).clone()
+def _read_torchscript(path: str, z: zipfile.ZipFile) -> dict[str, Tensor]:
+    data_pkl = [n for n in z.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
+    if not data_pkl:
+        raise CheckpointError(f"{path} looks like a TorchScript archive but has no data.pkl")
+    prefix = data_pkl[0][: -len("data.pkl")]
+    root = _TorchScriptUnpickler(z.read(data_pkl[0]), z, prefix, path).load()
+    return _collect(root, path)
 
 
-def _read_torchscript(path: str) -> dict[str, Tensor]:
-    with zipfile.ZipFile(path) as z:
-        data_pkl = [n for n in z.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
-        if not data_pkl:
-            raise CheckpointError(f"{path} looks like a TorchScript archive but has no data.pkl")
-        prefix = data_pkl[0][: -len("data.pkl")]
-        root = _TorchScriptUnpickler(z.read(data_pkl[0]), z, prefix).load()
+def _collect(root: Any, path: str) -> dict[str, Tensor]:
+    """Flatten the tree of module objects into dotted keys, in the order `Module.state_dict()` gives them."""
     state_dict: dict[str, Tensor] = {}
-    _collect(root, "", state_dict)
+    stack = [(root, "", ())] if isinstance(root, _ScriptObject) else []  # (module, key prefix, ids of those above)
+    visits = 0
+    while stack:
+        module, prefix, above = stack.pop()
+        visits += 1
+        if id(module) in above or len(above) >= _MAX_MODULE_DEPTH or visits > _MAX_MODULE_VISITS:
+            raise CheckpointError(f"{path}: the module tree in data.pkl loops or is impossibly deep or large; it is not a checkpoint")
+        children = []
+        for name, value in module.state.items():
+            if not isinstance(name, str):
+                continue
+            if isinstance(value, Tensor) and name != "attn_mask":  # OpenAI keeps the causal mask as a plain attribute
+                state_dict[prefix + name] = value
+            elif isinstance(value, _ScriptObject):
+                children.append((value, f"{prefix}{name}.", (*above, id(module))))
+        stack.extend(reversed(children))  # the first child on top: its keys come first
     return state_dict
-
-
-def _collect(obj: Any, prefix: str, out: dict[str, Tensor]) -> None:
-    """Flatten a tree of module objects into dotted keys, as `Module.state_dict()` names them."""
-    if not isinstance(obj, _ScriptObject):
-        return
-    for name, value in obj.state.items():
-        if isinstance(value, Tensor) and name != "attn_mask":  # OpenAI keeps the causal mask as a plain attribute
-            out[prefix + name] = value
-        elif isinstance(value, _ScriptObject):
-            _collect(value, f"{prefix}{name}.", out)
 
 
 def save_safetensors(state_dict: dict[str, Tensor], path: "str | os.PathLike") -> None:
@@ -174,4 +286,3 @@ def save_safetensors(state_dict: dict[str, Tensor], path: "str | os.PathLike") -
     from safetensors.torch import save_file
 
     save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, os.fspath(path), metadata={"format": "pt"})
-

@@ -34,6 +34,18 @@ class ImageError(OpenCLIPLiteError, ValueError):
     """An image that cannot be opened or decoded."""
 
 
+class IndexFileError(OpenCLIPLiteError, ValueError):
+    """A saved index that cannot be read: missing, truncated, corrupt, not an openclip-lite index, or newer."""
+
+
+class DeviceError(OpenCLIPLiteError, ValueError, RuntimeError):
+    """A device that does not exist or is not usable here (`device="cuda"` without CUDA, a misspelt name).
+
+    A ValueError for a bad argument, and a RuntimeError as torch raises for an unusable device, so either
+    `except` keeps working.
+    """
+
+
 class MissingDependencyError(OpenCLIPLiteError, ImportError):
     """An optional extra that is not installed; the message names the pip command to run."""
 
