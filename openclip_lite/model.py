@@ -80,16 +80,34 @@ class ResidualAttentionBlock(nn.Module):
         super().__init__()
         self.attn = MultiheadAttention(width, heads)
         self.ln_1 = LayerNorm(width)
-        self.mlp = nn.Sequential(
-            OrderedDict([("c_fc", nn.Linear(width, width * 4)), ("gelu", QuickGELU()), ("c_proj", nn.Linear(width * 4, width))])
-        )
+        self.mlp = MLP(width, width * 4)
         self.ln_2 = LayerNorm(width)
 
     def forward(self, x: Tensor, causal: bool = False, need_weights: bool = False) -> tuple[Tensor, Optional[Tensor]]:
         attn, weights = self.attn(self.ln_1(x), causal, need_weights)
-        x = x + attn
-        x = x + self.mlp(self.ln_2(x))
+        x = attn.add_(x)  # each residual is summed into its branch's fresh output: one tensor fewer, the input untouched
+        x = self.mlp(self.ln_2(x)).add_(x)
         return x, weights
+
+
+class MLP(nn.Module):
+    """c_fc -> QuickGELU -> c_proj, OpenAI's names, with QuickGELU folded into the two matmuls.
+
+    x·σ(1.702x) = silu(1.702x) / 1.702, so c_fc's matmul emits 1.702·h directly (addmm's alpha and beta), one
+    in-place SiLU replaces QuickGELU's three elementwise passes and three temporaries over the widest activation,
+    and c_proj's matmul divides by 1.702 (alpha). Equal to `QuickGELU` in between within rounding.
+    """
+
+    def __init__(self, width: int, hidden: int):
+        super().__init__()
+        self.c_fc = nn.Linear(width, hidden)
+        self.c_proj = nn.Linear(hidden, width)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x : shape = (..., width) -> (..., width)"""
+        h = torch.addmm(self.c_fc.bias, x.reshape(-1, x.shape[-1]), self.c_fc.weight.t(), beta=1.702, alpha=1.702)
+        h = F.silu(h, inplace=True)
+        return torch.addmm(self.c_proj.bias, h, self.c_proj.weight.t(), alpha=1 / 1.702).view(*x.shape[:-1], -1)
 
 
 class Transformer(nn.Module):
@@ -144,6 +162,41 @@ class VisionTransformer(nn.Module):
         """x : shape = (batch_size, 3, res, res) -> (batch_size, output_dim)"""
         x = self.transformer(self.embed(x))
         return self.ln_post(x[:, 0, :]) @ self.proj
+
+    def forward_intermediates(self, x: Tensor, indices: "int | list[int] | None" = None, need_weights: bool = False) -> dict:
+        """x : shape = (batch_size, 3, res, res) -> a dict of
+
+        image_features : (batch_size, output_dim), as `forward`
+        image_intermediates : the chosen blocks' outputs, each (batch_size, grid ** 2 + 1, width), class token first
+        image_tokens : every final token through `ln_post` and `proj`, (batch_size, grid ** 2 + 1, output_dim)
+        image_attentions : with `need_weights`, the chosen blocks' maps, each (batch_size, heads, grid ** 2 + 1, grid ** 2 + 1)
+        """
+        take = take_indices(self.transformer.layers, indices)
+        x, hidden, maps = self.transformer.forward_intermediates(self.embed(x), need_weights)
+        out = {
+            "image_features": self.ln_post(x[:, 0, :]) @ self.proj,  # the same expression as `forward`, so the same bits
+            "image_intermediates": [hidden[i] for i in take],
+            "image_tokens": self.ln_post(x) @ self.proj,
+        }
+        if need_weights:
+            out["image_attentions"] = [maps[i] for i in take]
+        return out
+
+
+def take_indices(count: int, indices: "int | list[int] | None") -> list[int]:
+    """Which of `count` layers to return, as open_clip chooses: None all, an int n the last n, a list by index (negative from the end)."""
+    if indices is None:
+        return list(range(count))
+    if isinstance(indices, int):
+        if not 0 < indices <= count:
+            raise ValueError(f"cannot take the last {indices} layers: this tower has {count}; give 1 to {count}, or a list of indices")
+        return list(range(count - indices, count))
+    take = []
+    for i in indices:
+        if not -count <= i < count:
+            raise ValueError(f"layer index {i} is out of range: this tower has {count} layers (indices {-count} to {count - 1})")
+        take.append(i % count)
+    return take
 
 
 class Bottleneck(nn.Module):
@@ -216,6 +269,14 @@ class AttentionPool2d(nn.Module):
             out, weights = F.scaled_dot_product_attention(q, k, v), None
         return self.c_proj(out.transpose(1, 2).reshape(n, c)), weights
 
+    def values(self, x: Tensor) -> Tensor:
+        """x : shape = (batch_size, c, h, w) -> every token's value through `c_proj`, (batch_size, h * w + 1, output_dim)
+
+        The pooled output is an attention-weighted mean of exactly these, so each is a position's feature in the
+        joint embedding space (the dense features MaskCLIP reads); the mean token comes first.
+        """
+        return self.c_proj(self.v_proj(self.tokens(x)))
+
 
 class ModifiedResNet(nn.Module):
     """OpenAI's ResNet: a 3-conv stem with an avgpool, anti-aliased strided blocks, attention pooling at the end."""
@@ -251,7 +312,9 @@ class ModifiedResNet(nn.Module):
         return nn.Sequential(*layers)
 
     def stem(self, x: Tensor) -> Tensor:
-        x = self.relu1(self.bn1(self.conv1(x.type(self.conv1.weight.dtype))))
+        # channels_last (NHWC): the layout oneDNN and cuDNN convolve fastest; every later activation inherits it
+        x = x.to(dtype=self.conv1.weight.dtype, memory_format=torch.channels_last)
+        x = self.relu1(self.bn1(self.conv1(x)))
         x = self.relu2(self.bn2(self.conv2(x)))
         x = self.relu3(self.bn3(self.conv3(x)))
         return self.avgpool(x)
@@ -270,6 +333,26 @@ class ModifiedResNet(nn.Module):
         x = self.stem(x)
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return self.attnpool(x)[0]
+
+    def forward_intermediates(self, x: Tensor, indices: "int | list[int] | None" = None, need_weights: bool = False) -> dict:
+        """x : shape = (batch_size, 3, res, res) -> a dict of
+
+        image_features : (batch_size, output_dim), as `forward`
+        image_intermediates : the chosen stages' outputs (of layer1..layer4), each (batch_size, c, h, w)
+        image_tokens : the attention pool's values, (batch_size, h * w + 1, output_dim), the mean token first
+        image_attentions : with `need_weights`, one entry: the attention pool's map (batch_size, heads, 1, h * w + 1)
+        """
+        take = take_indices(4, indices)
+        stages = self.stages(x)
+        features, weights = self.attnpool(stages[-1], need_weights)
+        out = {
+            "image_features": features,
+            "image_intermediates": [stages[i] for i in take],
+            "image_tokens": self.attnpool.values(stages[-1]),
+        }
+        if need_weights:
+            out["image_attentions"] = [weights]
+        return out
 
 
 class CLIP(nn.Module):
@@ -324,9 +407,9 @@ class CLIP(nn.Module):
             pool = self.visual.attnpool
             for proj in (pool.q_proj, pool.k_proj, pool.v_proj, pool.c_proj):
                 nn.init.normal_(proj.weight, std=pool.c_proj.in_features**-0.5)
-            for name, param in self.visual.named_parameters():
-                if name.endswith("bn3.weight"):
-                    nn.init.zeros_(param)  # each residual block starts as an identity
+            for stage in (self.visual.layer1, self.visual.layer2, self.visual.layer3, self.visual.layer4):
+                for block in stage:
+                    nn.init.zeros_(block.bn3.weight)  # each residual block starts as its shortcut (not the stem's bn3)
         for transformer in [self.transformer] + ([self.visual.transformer] if isinstance(self.visual, VisionTransformer) else []):
             proj_std = transformer.width**-0.5 * (2 * transformer.layers) ** -0.5
             for block in transformer.resblocks:
@@ -346,11 +429,12 @@ class CLIP(nn.Module):
         """image : shape = (batch_size, 3, res, res) -> features (batch_size, embed_dim), not normalised"""
         return self.visual(image.type(self.dtype))
 
-    def embed_text(self, text: Tensor) -> tuple[Tensor, Tensor]:
+    def embed_text(self, text: Tensor, full_context: bool = False) -> tuple[Tensor, Tensor]:
         """text : token ids (batch_size, context_length) -> token embeddings (batch_size, n, width), EOT positions
 
         Only the first n = last EOT position + 1 tokens are kept: attention is causal and features are read at
         the EOT token, so later positions cannot change the result, and short prompts cost a fraction of 77.
+        `full_context` keeps all of them (a shape that does not depend on the data: intermediates, ONNX export).
         """
         if text.shape[-1] > self.context_length:
             raise ValueError(
@@ -358,13 +442,19 @@ class CLIP(nn.Module):
                 f"tokenize with context_length={self.context_length}"
             )
         eot = text.argmax(dim=-1)  # EOT has the largest id in the vocabulary
-        n_ctx = int(eot.max()) + 1 if text.shape[0] else 1
+        if full_context:
+            n_ctx = text.shape[-1]
+        else:
+            n_ctx = int(eot.max()) + 1 if text.shape[0] else 1
         x = self.token_embedding(text[:, :n_ctx]).type(self.dtype)
         return x + self.positional_embedding[:n_ctx].type(self.dtype), eot
 
-    def encode_text(self, text: Tensor) -> Tensor:
-        """text : token ids (batch_size, context_length) from `tokenize` -> features (batch_size, embed_dim)"""
-        x, eot = self.embed_text(text)
+    def encode_text(self, text: Tensor, full_context: bool = False) -> Tensor:
+        """text : token ids (batch_size, context_length) from `tokenize` -> features (batch_size, embed_dim)
+
+        `full_context` runs every position (see `embed_text`): the same features, slower; for graph export.
+        """
+        x, eot = self.embed_text(text, full_context)
         x = self.transformer(x)
         x = x[torch.arange(x.shape[0], device=x.device), eot]
         return self.ln_final(x).type(self.dtype) @ self.text_projection
@@ -377,6 +467,47 @@ class CLIP(nn.Module):
         text_features = text_features / text_features.norm(dim=1, keepdim=True)
         logits_per_image = self.logit_scale.exp() * image_features @ text_features.t()
         return logits_per_image, logits_per_image.t()
+
+    def forward_intermediates(
+        self,
+        image: Optional[Tensor] = None,
+        text: Optional[Tensor] = None,
+        image_indices: "int | list[int] | None" = None,
+        text_indices: "int | list[int] | None" = None,
+        output_attentions: bool = False,
+    ) -> dict:
+        """Per-layer hidden states, final tokens and (when asked) attention maps of either tower or both, named as open_clip names them.
+
+        image : shape = (batch_size, 3, res, res); text : token ids (batch_size, context_length) from `tokenize`
+        image_indices, text_indices : which layers (ViT and text: blocks; ResNet: the four stages): None all,
+            an int n the last n, or a list of indices (negative from the end)
+        output_attentions : also return the chosen layers' attention maps, softmax(QKᵀ/√d) per head, fp32;
+            without it attention stays on `F.scaled_dot_product_attention`
+
+        Returns a dict with, for the image (see `VisionTransformer` / `ModifiedResNet.forward_intermediates`):
+            image_features (batch_size, embed_dim), equal to `encode_image`; image_intermediates, a list;
+            image_tokens (batch_size, tokens, embed_dim); image_attentions, a list
+        and for the text, which runs all context_length positions so shapes do not depend on the batch
+        (positions after EOT are what OpenAI's model computes there; causal attention keeps them out of the
+        features):
+            text_features (batch_size, embed_dim), equal to `encode_text`
+            text_intermediates : the chosen blocks' outputs, each (batch_size, context_length, width)
+            text_eot : `ln_final` of the last block's output at the EOT token, (batch_size, width); the features
+                are text_eot @ text_projection
+            text_attentions : the chosen blocks' maps, each (batch_size, heads, context_length, context_length), causal
+        """
+        out = {}
+        if image is not None:
+            out.update(self.visual.forward_intermediates(image.type(self.dtype), image_indices, output_attentions))
+        if text is not None:
+            take = take_indices(self.transformer.layers, text_indices)
+            x, eot = self.embed_text(text, full_context=True)
+            x, hidden, maps = self.transformer.forward_intermediates(x, output_attentions)
+            pooled = self.ln_final(x[torch.arange(x.shape[0], device=x.device), eot]).type(self.dtype)
+            out.update(text_features=pooled @ self.text_projection, text_intermediates=[hidden[i] for i in take], text_eot=pooled)
+            if output_attentions:
+                out["text_attentions"] = [maps[i] for i in take]
+        return out
 
 
 def convert_weights(model: nn.Module, dtype: torch.dtype = torch.float16) -> None:
@@ -405,40 +536,114 @@ NON_WEIGHT_KEYS = ("input_resolution", "context_length", "vocab_size")
 
 
 def model_config(state_dict: dict[str, Tensor]) -> dict:
-    """Read the architecture from the keys and shapes of an OpenAI-layout state dict (as OpenAI's `build_model`)."""
+    """Read the architecture from the keys and shapes of an OpenAI-layout state dict (as OpenAI's `build_model`).
+
+    Each size is read from one key and checked against the others that imply it, so a misshapen entry is named
+    itself rather than a neighbour whose expected shape was derived from it.
+    """
     sd = state_dict
-    try:
-        vit = "visual.proj" in sd
-        if vit:
-            vision_width = sd["visual.conv1.weight"].shape[0]
-            vision_layers = len({k.split(".")[3] for k in sd if k.startswith("visual.transformer.resblocks.") and k.endswith(".attn.in_proj_weight")})
-            vision_patch_size = sd["visual.conv1.weight"].shape[-1]
-            grid_size = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
-            image_resolution = vision_patch_size * grid_size
-        else:
-            vision_layers = tuple(
-                len({k.split(".")[2] for k in sd if k.startswith(f"visual.layer{b}.") and k.endswith(".conv1.weight")}) for b in (1, 2, 3, 4)
-            )
-            vision_width = sd["visual.layer1.0.conv1.weight"].shape[0]
-            output_width = round((sd["visual.attnpool.positional_embedding"].shape[0] - 1) ** 0.5)
-            vision_patch_size = None
-            image_resolution = output_width * 32
-        transformer_width = sd["ln_final.weight"].shape[0]
-        config = dict(
-            embed_dim=sd["text_projection"].shape[1],
-            image_resolution=image_resolution,
-            vision_layers=vision_layers,
-            vision_width=vision_width,
-            vision_patch_size=vision_patch_size,
-            context_length=sd["positional_embedding"].shape[0],
-            vocab_size=sd["token_embedding.weight"].shape[0],
-            transformer_width=transformer_width,
-            transformer_heads=transformer_width // 64,
-            transformer_layers=len({k.split(".")[2] for k in sd if k.startswith("transformer.resblocks.") and k.endswith(".attn.in_proj_weight")}),
-        )
-    except (KeyError, IndexError) as e:
-        raise CheckpointError(f"not a CLIP state dict in OpenAI's layout: missing or misshapen {e}") from e
-    return config
+
+    def dims(key: str, ndim: int) -> tuple[int, ...]:
+        if key not in sd:
+            raise CheckpointError(f"not a CLIP state dict in OpenAI's layout: missing key {key!r}")
+        value = sd[key]
+        if not isinstance(value, Tensor) or value.dim() != ndim or 0 in value.shape:
+            shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            raise CheckpointError(f"checkpoint entry {key!r} has shape {shape}, expected a non-empty {ndim}-D tensor")
+        return tuple(value.shape)
+
+    def agree(size: int, key: str, other: int, other_key: str) -> None:
+        if size != other:
+            raise CheckpointError(f"checkpoint entries {key!r} and {other_key!r} disagree on a size ({size} vs {other}); one of them is misshapen")
+
+    def count(prefix: str, depth: int, suffix: str) -> int:
+        return len({k.split(".")[depth] for k in sd if k.startswith(prefix) and k.endswith(suffix)})
+
+    transformer_width = dims("ln_final.weight", 1)[0]
+    context_length, width = dims("positional_embedding", 2)
+    agree(width, "positional_embedding", transformer_width, "ln_final.weight")
+    vocab_size, width = dims("token_embedding.weight", 2)
+    agree(width, "token_embedding.weight", transformer_width, "ln_final.weight")
+    width, embed_dim = dims("text_projection", 2)
+    agree(width, "text_projection", transformer_width, "ln_final.weight")
+    if "visual.proj" in sd:
+        vision_width, channels, vision_patch_size, patch_w = dims("visual.conv1.weight", 4)
+        agree(channels, "visual.conv1.weight", 3, "RGB channels")
+        agree(vision_patch_size, "visual.conv1.weight", patch_w, "visual.conv1.weight")
+        agree(dims("visual.class_embedding", 1)[0], "visual.class_embedding", vision_width, "visual.conv1.weight")
+        width, output_dim = dims("visual.proj", 2)
+        agree(width, "visual.proj", vision_width, "visual.conv1.weight")
+        agree(output_dim, "visual.proj", embed_dim, "text_projection")
+        tokens, width = dims("visual.positional_embedding", 2)
+        agree(width, "visual.positional_embedding", vision_width, "visual.conv1.weight")
+        grid_size = round((tokens - 1) ** 0.5)
+        agree(grid_size**2 + 1, "visual.positional_embedding", tokens, "a square grid plus a class token")
+        vision_layers = count("visual.transformer.resblocks.", 3, ".attn.in_proj_weight")
+        image_resolution = vision_patch_size * grid_size
+    else:
+        vision_layers = tuple(count(f"visual.layer{b}.", 2, ".conv1.weight") for b in (1, 2, 3, 4))
+        vision_width = dims("visual.layer1.0.conv1.weight", 4)[0]
+        tokens, width = dims("visual.attnpool.positional_embedding", 2)
+        agree(width, "visual.attnpool.positional_embedding", vision_width * 32, "visual.layer1.0.conv1.weight")
+        agree(dims("visual.attnpool.c_proj.weight", 2)[0], "visual.attnpool.c_proj.weight", embed_dim, "text_projection")
+        output_width = round((tokens - 1) ** 0.5)
+        agree(output_width**2 + 1, "visual.attnpool.positional_embedding", tokens, "a square grid plus a mean token")
+        vision_patch_size = None
+        image_resolution = output_width * 32
+    if (vision_layers if isinstance(vision_layers, int) else min(vision_layers)) == 0:
+        raise CheckpointError("not a CLIP state dict in OpenAI's layout: a stage of the image tower has no blocks")
+    if transformer_width < 64:
+        raise CheckpointError(f"checkpoint entry 'ln_final.weight' says the text width is {transformer_width}; CLIP's is at least 64 (one head per 64)")
+    return dict(
+        embed_dim=embed_dim,
+        image_resolution=image_resolution,
+        vision_layers=vision_layers,
+        vision_width=vision_width,
+        vision_patch_size=vision_patch_size,
+        context_length=context_length,
+        vocab_size=vocab_size,
+        transformer_width=transformer_width,
+        transformer_heads=transformer_width // 64,
+        transformer_layers=count("transformer.resblocks.", 2, ".attn.in_proj_weight"),
+    )
+
+
+def resize_image_embeddings(state_dict: dict[str, Tensor], image_size: int) -> dict[str, Tensor]:
+    """An OpenAI-layout state dict for another input size: `build_model` on the result takes image_size px images.
+
+    The position embeddings of the image grid (ViT: `visual.positional_embedding`; ResNet:
+    `visual.attnpool.positional_embedding`) are resampled bicubically on the grid, with the class (ViT) or mean
+    (ResNet) token's row kept, as open_clip's `resize_pos_embed` does. Every other entry is the input's own
+    tensor; at the native size the input dict itself is returned, so the model is bit-identical.
+    """
+    vit = "visual.proj" in state_dict
+    key = "visual.positional_embedding" if vit else "visual.attnpool.positional_embedding"
+    if key not in state_dict or (vit and "visual.conv1.weight" not in state_dict):
+        raise CheckpointError(f"not a CLIP state dict in OpenAI's layout: missing {key!r}")
+    stride = state_dict["visual.conv1.weight"].shape[-1] if vit else 32  # pixels per grid cell: the patch, or the ResNet's downsampling
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < stride or image_size % stride:
+        # a partial cell would be cropped away by the model, so the preprocess size and the model would disagree
+        why = "its patch size" if vit else "a ResNet downsamples 32x"
+        raise ValueError(f"image_size must be a positive multiple of {stride} for this model ({why}), got {image_size!r}")
+    embedding = state_dict[key]
+    grid = image_size // stride
+    if embedding.shape[0] == grid * grid + 1:
+        return state_dict
+    return {**state_dict, key: _resample_grid(embedding, grid)}
+
+
+def _resample_grid(embedding: Tensor, grid: int) -> Tensor:
+    """embedding : shape = (1 + old_grid ** 2, width) -> (1 + grid ** 2, width), the first row kept
+
+    open_clip's settings (bicubic, antialiased, align_corners=False), computed in fp32 because CPU bicubic has no
+    fp16 kernel everywhere, and returned in the input's dtype.
+    """
+    first, cells = embedding[:1], embedding[1:]
+    old = round(cells.shape[0] ** 0.5)
+    cells = cells.float().reshape(1, old, old, -1).permute(0, 3, 1, 2)  # (1, width, old, old)
+    cells = F.interpolate(cells, size=(grid, grid), mode="bicubic", antialias=True, align_corners=False)
+    cells = cells.permute(0, 2, 3, 1).reshape(grid * grid, -1)
+    return torch.cat([first, cells.to(embedding.dtype)])
 
 
 def build_model(state_dict: dict[str, Tensor]) -> CLIP:

@@ -34,6 +34,13 @@ def zero_shot_classifier(
         raise TypeError("classnames and templates must be lists of strings, not a single string")
     if not classnames or not templates:
         raise ValueError("zero-shot classification needs at least one class name and one template")
+    for name in classnames:
+        if not isinstance(name, str):
+            raise TypeError(f"class names must be strings, got {name!r} ({type(name).__name__})")
+    for template in templates:
+        # exactly one empty slot: a template without one would give every class the same prompt
+        if not isinstance(template, str) or template.count("{}") != 1 or template.replace("{}", "").count("{") != template.replace("{}", "").count("{{"):
+            raise ValueError(f"a template must be a string with one {{}} where the class name goes, got {template!r}")
     texts = [template.format(name) for name in classnames for template in templates]
     features = []
     for start in range(0, len(texts), batch_size):

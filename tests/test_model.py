@@ -75,7 +75,7 @@ def test_text_features_do_not_depend_on_batch_padding():
     with torch.no_grad():
         alone = model.encode_text(short)
         together = model.encode_text(torch.cat([short, long]))[:1]
-    assert relative_error(alone, together) < 1e-6
+    assert relative_error(alone, together) < 1e-5  # fp32 rounding differs with the sequence length
 
 
 def test_int32_tokens_work():
