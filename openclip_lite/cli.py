@@ -123,12 +123,22 @@ def cmd_search(args: argparse.Namespace) -> None:
 
     from .search import open_search_index
 
+    if args.milvus:  # no index file then: the first positional argument is a query
+        from .milvus import MilvusIndex
+
+        args.queries = ([args.index_path] if args.index_path else []) + args.queries
+        if not args.collection:
+            raise ValueError("--milvus needs --collection NAME")
+        index, where = MilvusIndex(args.milvus, args.collection, token=args.token), f"collection {args.collection!r}"
+    elif args.index_path:
+        index, where = open_search_index(args.index_path), args.index_path
+    else:
+        raise ValueError("give the index (what `embed --out` wrote), or --milvus URI --collection NAME")
     if not args.queries and not args.image:
         raise ValueError('give a text query ("two dogs in the snow") and/or --image FILE')
-    index = open_search_index(args.index_path)
     model_name = args.model or index.model
     if not model_name:
-        raise ValueError(f"{args.index_path} does not name its model; give it with --model")
+        raise ValueError(f"{where} does not name its model; give it with --model")
     model, preprocess = clip.load(model_name, device=args.device, download_root=args.root)
     queries = []
     if args.queries:
@@ -137,10 +147,11 @@ def cmd_search(args: argparse.Namespace) -> None:
         queries.append(clip.encode_images(model, preprocess, args.image, num_workers=0).features)
     scores, ids = index.search(torch.cat(queries), args.top_k)
     labels = [json.dumps(q) for q in args.queries] + [f"image {path}" for path in args.image]
-    results = [  # FAISS pads with id -1 where an index has fewer than k rows
-        [(index.paths[i], float(score)) for score, i in zip(row_scores, row_ids) if i >= 0]
-        for row_scores, row_ids in zip(scores.tolist(), _as_list(ids))
-    ]
+    results = []
+    for row_scores, row_ids in zip(scores.tolist(), _as_list(ids)):
+        kept = [(i, score) for i, score in zip(row_ids, row_scores) if i >= 0]  # -1 pads an index with fewer than k rows
+        paths = index.get_paths([i for i, _ in kept]) if hasattr(index, "get_paths") else [index.paths[i] for i, _ in kept]
+        results.append([(path, float(score)) for path, (_, score) in zip(paths, kept)])
     if args.json:
         asked = [{"text": q} for q in args.queries] + [{"image": path} for path in args.image]
         answer = [{**query, "results": [{"path": path, "score": score} for path, score in row]} for query, row in zip(asked, results)]
@@ -150,6 +161,13 @@ def cmd_search(args: argparse.Namespace) -> None:
         print(label)
         for rank, (path, score) in enumerate(row, 1):
             print(f"  {rank:3d}. {score:.4f}  {path}")
+
+
+def cmd_index_to_milvus(args: argparse.Namespace) -> None:
+    from .milvus import load_shards_into_milvus
+
+    with load_shards_into_milvus(args.shards, args.uri, args.collection, index_type=args.index_type, token=args.token) as index:
+        print(f"{len(index)} vectors of {index.model or 'an unnamed model'} in collection {args.collection!r} at {args.uri}")
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -231,8 +249,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_embed)
 
     p = sub.add_parser("search", help="search an index made by `embed` with text and/or images")
-    p.add_argument("index_path", metavar="INDEX", help="what `embed --out` wrote (an embeddings file or an index folder)")
+    p.add_argument("index_path", metavar="INDEX", nargs="?", help="what `embed --out` wrote (an embeddings file or an index folder)")
     p.add_argument("queries", nargs="*", help='text queries, e.g. "two dogs in the snow"')
+    p.add_argument("--milvus", metavar="URI", help="search a Milvus collection instead: a Milvus Lite file (*.db) or http://host:19530")
+    p.add_argument("--collection", help="the Milvus collection, with --milvus")
+    p.add_argument("--token", help="a Milvus server's token, with --milvus")
     p.add_argument("--image", action="append", default=[], metavar="FILE", help="an image to find similar images to (repeatable)")
     p.add_argument("-k", "--top-k", type=int, default=10, help="results per query")
     p.add_argument("--model", help="the model to encode queries with (default: the one that made the index)")
@@ -249,6 +270,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the best available)")
     p.add_argument("--root", help="download cache directory")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("index", help="manage indexes: load embedding shards into Milvus")
+    index_sub = p.add_subparsers(dest="index_command", required=True)
+    q = index_sub.add_parser("to-milvus", help="load the Parquet shards of `embed --engine ray` into a Milvus collection")
+    q.add_argument("shards", metavar="SHARDS_DIR")
+    q.add_argument("--uri", required=True, help="a Milvus Lite file (*.db) or a server, http://host:19530")
+    q.add_argument("--collection", required=True)
+    q.add_argument("--index-type", help="FLAT, IVF_FLAT, IVF_SQ8 or HNSW (default: the collection's, else FLAT)")
+    q.add_argument("--token", help="a Milvus server's token")
+    q.set_defaults(func=cmd_index_to_milvus)
 
     p = sub.add_parser("export", help="export the image and text towers to ONNX, to run without PyTorch")
     p.add_argument("model", metavar="NAME_OR_PATH", help="a released model name or a checkpoint path")

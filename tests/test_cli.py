@@ -74,3 +74,36 @@ def test_example_script_runs_offline():
     )
     assert result.returncode == 0, result.stderr
     assert "red circle" in result.stdout and "%" in result.stdout
+
+
+def test_shards_to_milvus_then_search_by_image(tmp_path):
+    """`index to-milvus` loads embedding shards into Milvus Lite; `search --milvus` finds an image by itself."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import openclip_lite as clip
+
+    model, preprocess = clip.load(DEMO, device="cpu")
+    images = samples()
+    features = clip.encode_images(model, preprocess, images, num_workers=0).features
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    table = pa.table({"path": images, "embedding": pa.array(features.tolist(), type=pa.list_(pa.float32()))})
+    pq.write_table(table, shards / "part-00000.parquet")
+    (shards / "manifest.json").write_text(json.dumps({"model": DEMO, "dim": features.shape[1], "count": len(images)}))
+    uri = str(tmp_path / "milvus.db")
+
+    result = run("index", "to-milvus", str(shards), "--uri", uri, "--collection", "shapes")
+    assert result.returncode == 0, result.stderr
+    assert f"{len(images)} vectors" in result.stdout
+
+    query = os.path.join(ASSETS, "green_triangle.jpg")
+    result = run("search", "--milvus", uri, "--collection", "shapes", "--image", query, "-k", "3", "--device", "cpu", "--json")
+    assert result.returncode == 0, result.stderr
+    top = json.loads(result.stdout)[0]["results"][0]
+    assert top["path"] == query and top["score"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_search_with_milvus_needs_a_collection(tmp_path):
+    result = run("search", "--milvus", str(tmp_path / "m.db"), "a red circle")
+    assert result.returncode == 1 and "--collection" in result.stderr
