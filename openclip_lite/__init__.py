@@ -9,6 +9,7 @@ import torch
 from .errors import (
     CheckpointError,
     ChecksumError,
+    DeviceError,
     DownloadError,
     ImageError,
     MissingDependencyError,
@@ -17,8 +18,9 @@ from .errors import (
     UnsafeCheckpointError,
 )
 from .loss import contrastive_loss
-from .model import CLIP, build_model, convert_weights
+from .model import CLIP, build_model, convert_weights, resize_image_embeddings
 from .pretrained import available_models
+from .search import encode_images, encode_texts, search
 from .tokenizer import SimpleTokenizer, tokenize
 from .transform import preprocess as _transform
 from .version import __version__
@@ -35,6 +37,9 @@ __all__ = [
     "classify",
     "image_features",
     "top_k",
+    "encode_images",
+    "encode_texts",
+    "search",
     "contrastive_loss",
     "DEFAULT_TEMPLATES",
     "IMAGENET_CLASSES",
@@ -46,6 +51,7 @@ __all__ = [
     "UnsafeCheckpointError",
     "DownloadError",
     "ChecksumError",
+    "DeviceError",
     "ImageError",
     "MissingDependencyError",
 ]
@@ -58,6 +64,7 @@ def load(
     download_root: Optional[str] = None,
     source: Optional[str] = None,
     dtype: Optional[torch.dtype] = None,
+    image_size: Optional[int] = None,
 ) -> tuple[CLIP, Callable]:
     """Load a CLIP model and the preprocessing that goes with it.
 
@@ -69,6 +76,8 @@ def load(
     download_root : the cache directory; by default Hugging Face's cache (hub) or ~/.cache/clip (openai)
     source : "hub" (default, or env OPENCLIP_LITE_SOURCE) or "openai" (OpenAI's original URLs)
     dtype : the weights' dtype; by default fp16 on CUDA (as OpenAI's `load`) and fp32 elsewhere
+    image_size : another input size (a multiple of the patch size, or of 32 for ResNets): the image position
+        embeddings are resampled (`model.resize_image_embeddings`) and `preprocess` is for that size
 
     Returns (model in eval mode, preprocess: PIL image -> tensor (3, res, res)).
     """
@@ -84,7 +93,10 @@ def load(
 
     from .checkpoint import load_state_dict
 
-    model = build_model(load_state_dict(path))
+    state_dict = load_state_dict(path)
+    if image_size is not None:
+        state_dict = resize_image_embeddings(state_dict, image_size)
+    model = build_model(state_dict)
     if dtype is None:
         dtype = torch.float16 if device.type == "cuda" else torch.float32
     if dtype != torch.float32:
@@ -94,6 +106,7 @@ def load(
 
 
 def _resolve_device(device: Union[str, torch.device, None]) -> torch.device:
+    """The torch.device to load onto, or DeviceError saying why `device` cannot be used here."""
     if device is None:
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -102,12 +115,23 @@ def _resolve_device(device: Union[str, torch.device, None]) -> torch.device:
         return torch.device("cpu")
     try:
         device = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"unknown device {device!r}; use 'cpu', 'cuda', 'cuda:N' or 'mps'") from e
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {str(device)!r} was asked for but CUDA is not available here; use device='cpu'")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(f"device {str(device)!r} does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError("device 'mps' was asked for but MPS is not available here; use device='cpu'")
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise DeviceError(f"unknown device {device!r}; use 'cpu', 'cuda', 'cuda:N' or 'mps'") from e
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(f"device {str(device)!r} was asked for but CUDA is not available here; use device='cpu'")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise DeviceError(f"device {str(device)!r} does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            why = "MPS needs macOS 12.3+ on Apple silicon" if torch.backends.mps.is_built() else "this PyTorch was built without MPS"
+            raise DeviceError(f"device 'mps' was asked for but MPS is not available here ({why}); use device='cpu'")
+    elif device.type == "meta":  # a model on meta holds no weights and would return garbage shapes, not features
+        raise DeviceError("device 'meta' holds no data, so a model there cannot compute; use 'cpu', 'cuda' or 'mps'")
+    elif device.type != "cpu":
+        try:  # xpu, hpu and other backends: usable exactly when a tensor can be made there
+            torch.empty(0, device=device)
+        except Exception as e:  # RuntimeError, AssertionError or ImportError, depending on the backend
+            reason = str(e).strip().split("\n")[0][:200]  # torch lists every backend it knows after the first line
+            raise DeviceError(f"device {str(device)!r} is not usable here ({reason}); use device='cpu'") from e
     return device
