@@ -54,7 +54,9 @@ def test_load_matches_reference(arch_case, fmt, tmp_path):
         assert relative_error(model.encode_image(image), image_features) < 1e-5
         assert relative_error(model.encode_text(text), text_features) < 1e-5
         logits_per_image, logits_per_text = model(image, text)
-    assert relative_error(logits_per_image, logits) < 1e-5
+    # logits are logit_scale x cosine; random weights give cosines near 0, where a relative error is ill-conditioned
+    # (1e-6 on the features became 3e-5 on RN50x16's logits), so compare the cosines on their own scale, [-1, 1]
+    assert float((logits_per_image - logits).abs().max() / ref.logit_scale.exp()) < 1e-5
     assert torch.equal(logits_per_text, logits_per_image.t())
     assert preprocess(Image.new("RGB", (300, 200))).shape == (3, ref.visual.input_resolution, ref.visual.input_resolution)
 
