@@ -454,3 +454,24 @@ def test_load_by_name_through_each_source(hub, tiny, cache, source):
     with torch.no_grad():
         torch.testing.assert_close(model.encode_image(images), reference.encode_image(images), rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(model.encode_text(text), reference.encode_text(text), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_hub_and_openai_files_give_the_same_fp16_model(tmp_path, device):
+    """The hub stores OpenAI's fp16 weights as fp32, OpenAI's archives as fp16: the fp16 models must be equal."""
+    from reference import reference_model
+
+    import openclip_lite as clip
+    from openclip_lite.checkpoint import save_safetensors
+
+    fp16 = {k: v.half() if v.is_floating_point() else v for k, v in reference_model("tiny-vit").state_dict().items()}
+    hub, openai = tmp_path / "open_clip_model.safetensors", tmp_path / "openai.pt"
+    save_safetensors({k: v.float() if v.is_floating_point() else v for k, v in fp16.items() if k not in ("input_resolution", "context_length", "vocab_size")}, hub)
+    torch.save(fp16, openai)
+    from_hub, _ = clip.load(str(hub), device=device, dtype=torch.float16)
+    from_openai, _ = clip.load(str(openai), device=device, dtype=torch.float16)
+    a, b = from_hub.state_dict(), from_openai.state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+    assert from_hub.dtype == torch.float16
