@@ -382,6 +382,11 @@ def benchmark_case(method: str, impls: list[Implementation], x: Tensor, args: ar
         flops[impl.name] = count_flops(eager, x)
         for _ in range(args.warmup):
             fn(x)
+        if compiled:  # check_outputs checked the eager function; the compiled one must agree with it
+            error = relative_error(fn(x).float(), eager(x).float())
+            print(f"# {impl.name} compiled: max relative error vs eager {error:.1e}", flush=True)
+            if error > TOLERANCE[x.dtype if x.is_floating_point() else args.dtype]:
+                sys.exit(f"{impl.name}: torch.compile changed the outputs by {error:.2e}; its numbers would not be comparable")
         peaks[impl.name] = peak_memory(fn, x, device)
         one, _ = time_round(fn, x, 1, device)
         iters[impl.name] = max(1, math.ceil(args.min_round_time / one))
