@@ -481,9 +481,7 @@ def _pixels_transform(n_px: int) -> Callable:
 
 def _open(path: str, filesystems: dict[str, tuple[Any, int]]) -> Any:
     """Open and fully decode an image: a local file through `transform.open_image`, a URI through pyarrow."""
-    from PIL import Image
-
-    from .transform import open_image
+    from .transform import decode_image, open_image
 
     if not _is_uri(path):
         return open_image(path)
@@ -496,16 +494,7 @@ def _open(path: str, filesystems: dict[str, tuple[Any, int]]) -> Any:
     filesystem, cut = filesystems[key]
     with filesystem.open_input_file(path[cut:]) as f:
         data = f.read()
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-            return image
-    except Image.DecompressionBombError as e:
-        raise ImageError(f"{path} is too large to decode safely ({e}); downscale it first") from e
-    except MemoryError:
-        raise
-    except Exception as e:  # as `open_image`: PIL's decoders raise OSError, SyntaxError, struct.error... on bad files
-        raise ImageError(f"cannot read {path} as an image ({e})") from e
+    return decode_image(io.BytesIO(data), path)
 
 
 # ---------------------------------------------------------------------------------------------------- output

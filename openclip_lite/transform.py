@@ -1,5 +1,6 @@
 """Image loading and preprocessing, equal to OpenAI's to the last bit."""
 
+import io
 import os
 import warnings
 
@@ -88,13 +89,18 @@ def open_image(path: "str | os.PathLike") -> Image.Image:
         raise FileNotFoundError(f"image file not found: {path}")
     if not os.path.isfile(path):  # a directory, or a FIFO that reading would block on
         raise ImageError(f"{path} is not a regular file; pass the path of an image file")
+    return decode_image(path, path)
+
+
+def decode_image(source: "str | os.PathLike | io.BytesIO", name: str) -> Image.Image:
+    """Fully decode `source` (a path or an in-memory file), or raise ImageError naming `name` and the reason."""
     try:
-        with Image.open(path) as image:
+        with Image.open(source) as image:
             image.load()
             return image
     except Image.DecompressionBombError as e:
-        raise ImageError(f"{path} is too large to decode safely ({e}); downscale it first") from e
+        raise ImageError(f"{name} is too large to decode safely ({e}); downscale it first") from e
     except MemoryError:
         raise
     except Exception as e:  # PIL's decoders raise OSError, SyntaxError, struct.error, TypeError... on malformed files
-        raise ImageError(f"cannot read {path} as an image ({type(e).__name__}: {e})") from e
+        raise ImageError(f"cannot read {name} as an image ({type(e).__name__}: {e})") from e
