@@ -165,7 +165,10 @@ def markdown(rows: list[dict]) -> str:
     exact_ms = {(r["n"], r["kind"]): r["one_query_ms"] for r in rows if r["kind"] in ("flat", "numpy exact")}
 
     def times(r: dict, baseline: str) -> str:
-        return f"{exact_ms[r['n'], baseline] / r['one_query_ms']:.0f}" if (r["n"], baseline) in exact_ms else "-"
+        if (r["n"], baseline) not in exact_ms:
+            return "-"
+        ratio = exact_ms[r["n"], baseline] / r["one_query_ms"]
+        return f"{ratio:.0f}" if ratio >= 10 else f"{ratio:.2g}"
 
     for r in rows:
         if r["kind"] == "numpy exact":

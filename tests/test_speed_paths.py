@@ -98,11 +98,16 @@ def test_reduced_precision_on_cpu_matches_fp32_reference(tiny, dtype, tolerance)
 
 
 @pytest.mark.slow
-def test_torch_compile_matches_reference(tiny):
+@pytest.mark.parametrize("freezing", [False, True], ids=["compile", "compile-freezing"])
+def test_torch_compile_matches_reference(tiny, freezing):
+    # freezing: inductor folds BatchNorm into the convolutions and the weights into the graph (ResNets on the CPU)
+    from torch._inductor import config as inductor_config
+
     ref, image, text, (image_features, text_features) = tiny
     model = build_model(ref.state_dict())
+    torch._dynamo.reset()
     encode_image, encode_text = torch.compile(model.encode_image), torch.compile(model.encode_text)
-    with torch.no_grad():
+    with torch.no_grad(), inductor_config.patch(freezing=freezing):
         assert relative_error(encode_image(image), image_features) < 1e-5
         assert relative_error(encode_text(text), text_features) < 1e-5
         # a batch with a different last end-of-text position: the text tower's length changes, the answer must not
