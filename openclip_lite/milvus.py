@@ -46,6 +46,7 @@ MODEL_PROPERTY = "openclip_lite.model"
 MAX_PATH_LENGTH = 65_535  # Milvus's largest VARCHAR
 SEARCH_BATCH = 1024  # queries per search request, well under Milvus's nq limit (16384) and message size
 GET_BATCH = 10_000  # ids per get request
+INT64_MAX = 2**63 - 1  # the largest id an INT64 primary key holds
 
 ArrayLike = Union[Tensor, np.ndarray, Sequence]  # noqa: UP007 (evaluated at run time; `|` needs Python 3.10)
 
@@ -345,9 +346,11 @@ class MilvusIndex:
 
     def get_paths(self, ids: ArrayLike) -> list[str | None]:
         """The path stored with each id (None for an id that is not in the collection, -1, or added without one)."""
-        ids = np.array(ids.cpu() if isinstance(ids, Tensor) else ids, dtype=np.int64).reshape(-1).tolist()
+        # as Python ints, so that an id past int64 (from a URL, say) is one the collection lacks, not an OverflowError
+        values = ids.cpu().numpy() if isinstance(ids, Tensor) else np.asarray(ids, dtype=object)
+        ids = [int(i) for i in values.reshape(-1).tolist()]
         found: dict[int, str] = {}
-        wanted = sorted({i for i in ids if i >= 0})
+        wanted = sorted({i for i in ids if 0 <= i <= INT64_MAX})
         for start in range(0, len(wanted), GET_BATCH):
             for row in self._client.get(
                 self.collection, ids=wanted[start : start + GET_BATCH], output_fields=[PATH_FIELD]

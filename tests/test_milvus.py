@@ -152,12 +152,13 @@ def test_reopen_keeps_rows_paths_model_and_index(uri, collection):
         torch.testing.assert_close(after, before)
         _, exact_positions = exact_top_k(queries, data, 7)
         assert recall(after[1], exact_positions + 1000) >= 0.9
-        assert index.get_paths([1000, 1299, 1042, 5, -1]) == [
+        assert index.get_paths([1000, 1299, 1042, 5, -1, 2**63]) == [
             "images/0000.jpg",
             "café/ünïcode.png",
             paths[42],
             None,
             None,
+            None,  # past int64, as a URL may ask: no such id, not an OverflowError
         ]
 
 
