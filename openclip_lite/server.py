@@ -5,8 +5,8 @@ Routes (errors are always JSON `{"detail": "<a sentence>"}` with a 4xx status, n
 - `GET  /api/info`           the model, the number of images and the server's limits
 - `GET  /api/search`         text -> images: `q`, `k` (top-k, default 50), `page`, `per_page` (default 20)
 - `POST /api/search`         image -> images: multipart form with the file in `image`, and `k`, `page`, `per_page`
-- `GET  /api/thumb/{id}`     a JPEG thumbnail of image `id` (its row in the index); files are only ever found
-                             by id, never by a path from the request
+- `GET  /api/thumb/{id}`     a JPEG thumbnail of image `id` (its row in an index file, its primary key in a Milvus
+                             collection); files are only ever found by id, never by a path from the request
 - `GET  /docs`               FastAPI's OpenAPI docs (`/openapi.json`)
 
 The routes parse, call the library (`encode_texts`, `encode_images`, `index.search`) and shape JSON; the page
@@ -75,7 +75,7 @@ class Info(BaseModel):
 
 class Result(BaseModel):
     rank: int  # 1 is the best match
-    id: int  # the image's row in the index: GET /api/thumb/{id}
+    id: int  # the image's id in the index: GET /api/thumb/{id}
     score: float  # cosine similarity
     name: str  # the file's name, without its folder
     thumb: str  # the thumbnail's URL path
@@ -113,8 +113,9 @@ def create_app(
 ) -> FastAPI:
     """The FastAPI app that serves `index` (see the module's docstring for the routes).
 
-    index : what `openclip_lite.search.open_search_index` returns (an `Embeddings` file or an `index.Index`):
-        anything with `search(queries, k) -> (scores, ids)`, `paths` and `len()`
+    index : what `openclip_lite.search.open_search_index` returns (an `Embeddings` file or an `index.Index`),
+        or a `milvus.MilvusIndex`: anything with `search(queries, k) -> (scores, ids)`, `len()`, and either
+        `get_paths(ids)` or `paths` (then ids are rows of it)
     model, preprocess : as `openclip_lite.load` returns them; the model must be the one that made the index
     model_name : shown by /api/info; default: the name stored in the index
     max_k : the most results one search may ask for
@@ -126,18 +127,19 @@ def create_app(
     the answers use paths relative to where it is mounted.
     """
     name = model_name or getattr(index, "model", "") or ""
-    paths = list(index.paths)
+    paths_of, last_id = _path_lookup(index)
+    count = len(index)
     lock = threading.Lock()  # one inference at a time on the shared model
     page_files = {route: ((STATIC / file).read_bytes(), media_type) for route, (file, media_type) in PAGE_FILES.items()}
 
     app = FastAPI(
         title="openclip-lite search",
         version=_version(),
-        description=f"Search {len(paths)} images by text or by image with CLIP ({name or 'model unnamed'}).",
+        description=f"Search {count} images by text or by image with CLIP ({name or 'model unnamed'}).",
     )
     app.add_middleware(_BodyLimit, max_bytes=max_upload_bytes + MULTIPART_OVERHEAD)
     app.add_exception_handler(HTTPException, _http_error)
-    app.add_exception_handler(RequestValidationError, functools.partial(_validation_error, max_k=max_k, count=len(paths)))
+    app.add_exception_handler(RequestValidationError, functools.partial(_validation_error, max_k=max_k, last_id=last_id))
     app.add_exception_handler(Exception, _unexpected_error)
 
     def page_route(route: str):
@@ -155,7 +157,7 @@ def create_app(
     def info() -> Info:
         return Info(
             model=name,
-            count=len(paths),
+            count=count,
             default_k=DEFAULT_K,
             max_k=max_k,
             per_page=PER_PAGE,
@@ -166,8 +168,8 @@ def create_app(
 
     def answer(request: Request, query: dict[str, str], features, k: int, page: int, per_page: int) -> SearchAnswer:
         """The top-k rows for features (1, dim), cut to one page."""
-        if paths:
-            scores, ids = index.search(features.float().cpu(), min(k, len(paths)))  # a FAISS Index refuses k > n
+        if count:
+            scores, ids = index.search(features.float().cpu(), min(k, count))  # a FAISS Index refuses k > n
             rows = [(int(i), float(s)) for s, i in zip(scores.tolist()[0], ids.tolist()[0]) if i >= 0]  # FAISS pads with -1
         else:
             rows = []
@@ -175,10 +177,12 @@ def create_app(
         if page > pages:
             raise HTTPException(422, f"page {page} does not exist: {len(rows)} results make {pages} page{'s' * (pages > 1)} of {per_page}")
         first = (page - 1) * per_page
+        shown = rows[first : first + per_page]
+        paths = paths_of([i for i, _ in shown])  # this page's only: a collection may hold billions
         root = request.scope.get("root_path", "")
         results = [
-            Result(rank=first + n + 1, id=i, score=score, name=os.path.basename(paths[i]), thumb=f"{root}/api/thumb/{i}")
-            for n, (i, score) in enumerate(rows[first : first + per_page])
+            Result(rank=first + n + 1, id=i, score=score, name=os.path.basename(path or ""), thumb=f"{root}/api/thumb/{i}")
+            for n, ((i, score), path) in enumerate(zip(shown, paths))
         ]
         return SearchAnswer(query=query, k=k, total=len(rows), page=page, per_page=per_page, pages=pages, results=results)
 
@@ -222,8 +226,8 @@ def create_app(
         return answer(request, {"image": filename}, features, k, page, per_page)
 
     @functools.lru_cache(maxsize=1024)  # ~10 kB each: the pages a session flips through stay in memory
-    def thumbnail(row: int) -> bytes:
-        return _thumbnail(paths[row], THUMB_SIZE)
+    def thumbnail(path: str) -> bytes:
+        return _thumbnail(path, THUMB_SIZE)
 
     @app.get(
         "/api/thumb/{id}",
@@ -232,15 +236,36 @@ def create_app(
         summary="A thumbnail of an image in the index, by id",
     )
     def thumb(id: Annotated[int, PathParam(ge=0, description="the image's id, as a search answer gives it")]) -> Response:
-        if id >= len(paths):
-            raise HTTPException(404, f"no image has id {id}: the ids of this index go from 0 to {len(paths) - 1}" if paths else "this index holds no images")
+        path = paths_of([id])[0]  # the path comes from the index, never from the request
+        if path is None:
+            raise HTTPException(404, _unknown_id(id, count, last_id))
         try:
-            data = thumbnail(id)
+            data = thumbnail(path)
         except (FileNotFoundError, ImageError) as e:
-            raise HTTPException(404, f"image {id} ({os.path.basename(paths[id])}) cannot be read from disk any more: {type(e).__name__}") from e
+            raise HTTPException(404, f"image {id} ({os.path.basename(path)}) cannot be read from disk any more: {type(e).__name__}") from e
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
 
     return app
+
+
+def _path_lookup(index: Any) -> tuple[Callable[[list[int]], list[Optional[str]]], Optional[int]]:
+    """(ids -> their paths, None for an id not in the index; the largest id, or None where ids are not rows).
+
+    A Milvus collection's ids are its own int64 keys and it may hold billions of rows, so it looks each page's ids
+    up itself (`get_paths`); an index file's ids are rows of its list of paths, which it keeps in memory.
+    """
+    if hasattr(index, "get_paths"):
+        return index.get_paths, None
+    paths = list(index.paths)
+    return (lambda ids: [paths[i] if 0 <= i < len(paths) else None for i in ids]), len(paths) - 1
+
+
+def _unknown_id(id: int, count: int, last_id: Optional[int]) -> str:
+    if not count:
+        return "this index holds no images"
+    if last_id is None:
+        return f"no image has id {id}: ids are the ones search answers give"
+    return f"no image has id {id}: the ids of this index go from 0 to {last_id}"
 
 
 # ------------------------------------------------------------------------------------------ images
@@ -310,19 +335,20 @@ PARAMETERS = {
     "k": "k, the number of results, must be a whole number from 1 to {max_k}",
     "page": "page must be a whole number from 1",
     "per_page": "per_page, the results a page, must be a whole number from 1 to {MAX_PER_PAGE}",
-    "id": "id must be a whole number from 0 to {last}: an image's id as a search answer gives it",
+    "id": "id must be a whole number from 0{to_last}: an image's id as a search answer gives it",
     "image": "image must be an image file, sent as multipart/form-data in the field 'image'",
 }
 
 
-async def _validation_error(request: Request, exc: RequestValidationError, max_k: int, count: int) -> JSONResponse:
+async def _validation_error(request: Request, exc: RequestValidationError, max_k: int, last_id: Optional[int]) -> JSONResponse:
+    to_last = "" if last_id is None else f" to {max(last_id, 0)}"  # a collection's ids have no range to tell
     sentences = []
     for error in exc.errors():
         field = str(error["loc"][-1]) if error.get("loc") else "request"
         if error.get("type") == "missing":
             sentence = PARAMETERS["image"] if field == "image" else f"{field} is missing"
         elif field in PARAMETERS:
-            sentence = PARAMETERS[field].format(MAX_QUERY_CHARS=MAX_QUERY_CHARS, max_k=max_k, MAX_PER_PAGE=MAX_PER_PAGE, last=max(count - 1, 0))
+            sentence = PARAMETERS[field].format(MAX_QUERY_CHARS=MAX_QUERY_CHARS, max_k=max_k, MAX_PER_PAGE=MAX_PER_PAGE, to_last=to_last)
             given = error.get("input")
             if isinstance(given, (str, int, float)) and field != "q":
                 sentence += f", not {str(given)[:40]!r}"

@@ -1,6 +1,7 @@
 """server.py over HTTP: a real uvicorn on a free 127.0.0.1 port, spoken to with the standard library's http.client
 (which sends paths exactly as written, `..` included), over images drawn by tools/shapes.py and a tiny CLIP with
-random weights (the answers' shapes and the security rules do not depend on what the model knows)."""
+random weights (the answers' shapes and the security rules do not depend on what the model knows); and over a
+Milvus Lite collection of examples/assets/*.jpg embedded by the demo model, which knows those shapes."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from http.client import HTTPConnection
 
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageChops, ImageStat
 from reference import reference_model
 
 import openclip_lite as clip
@@ -31,6 +32,7 @@ sys.path.insert(0, os.path.join(ROOT, "tools"))
 from shapes import LABELS, draw
 
 uvicorn = pytest.importorskip("uvicorn")  # the [serve] extra; CI installs it with [test]
+from openclip_lite.milvus import MilvusIndex
 from openclip_lite.search import (
     Embeddings,
     encode_texts,
@@ -40,6 +42,8 @@ from openclip_lite.search import (
 from openclip_lite.server import MAX_K, MAX_UPLOAD_BYTES, create_app
 
 TRACEBACK = re.compile(r"Traceback|File \"|line \d+, in ")
+ASSETS = os.path.join(ROOT, "examples", "assets")
+DEMO = os.path.join(ASSETS, "demo-model.safetensors")
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
@@ -505,6 +509,90 @@ def test_concurrent_requests_get_the_answers_of_serial_ones(server, indexed):
     for one, other in zip(serial, parallel):
         assert [r["id"] for r in one] == [r["id"] for r in other]
         assert [r["score"] for r in one] == pytest.approx([r["score"] for r in other], abs=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------- a Milvus collection
+
+
+def fill_milvus(uri: str, model, preprocess) -> tuple[dict[str, int], torch.Tensor]:
+    """Collection "shapes" at `uri`: the features of examples/assets/*.jpg under ids that are not row numbers.
+
+    Returns ({file name: id}, the features in file-name order).
+    """
+    images = sorted(os.path.join(ASSETS, f) for f in os.listdir(ASSETS) if f.endswith(".jpg"))
+    features = clip.encode_images(model, preprocess, images, num_workers=0).features
+    ids = [10**12 + 7919 * n for n in range(len(images))]  # far from 0..n-1: a lookup by row would find none
+    with MilvusIndex(uri, "shapes", dim=features.shape[1], model=DEMO) as index:
+        index.add(features, ids=ids, paths=images)
+    return {os.path.basename(path): i for path, i in zip(images, ids)}, features
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return clip.load(DEMO, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def milvus_server(demo, tmp_path_factory):
+    """(port, {file name: id}, features) of the app over the reopened collection, which names its model itself."""
+    model, preprocess = demo
+    uri = str(tmp_path_factory.mktemp("milvus") / "milvus.db")
+    ids, features = fill_milvus(uri, model, preprocess)
+    with MilvusIndex(uri, "shapes") as index, running(create_app(index, model, preprocess)) as port:
+        yield port, ids, features
+
+
+def test_milvus_info(milvus_server):
+    port, ids, _ = milvus_server
+    info = http(port, "GET", "/api/info").json()
+    assert (info["count"], info["model"]) == (6, DEMO) and len(ids) == 6
+
+
+def test_milvus_text_search_ranks_the_red_circle_first(milvus_server, demo):
+    port, ids, features = milvus_server
+    answer = http(port, "GET", "/api/search?q=a+photo+of+a+red+circle&k=10&per_page=4").json()
+    assert (answer["total"], answer["pages"]) == (6, 2)
+    first = answer["results"][0]
+    assert (first["name"], first["id"], first["thumb"]) == ("red_circle.jpg", ids["red_circle.jpg"], f"/api/thumb/{ids['red_circle.jpg']}")
+    results = answer["results"] + http(port, "GET", "/api/search?q=a+photo+of+a+red+circle&k=10&per_page=4&page=2").json()["results"]
+    assert [r["id"] for r in results] == [ids[r["name"]] for r in results]  # each id is its own image's
+    assert sorted(r["id"] for r in results) == sorted(ids.values())
+    expected = (features @ encode_texts(demo[0], ["a photo of a red circle"])[0]).sort(descending=True).values
+    assert [r["score"] for r in results] == pytest.approx(expected.tolist(), abs=1e-4)
+
+
+def test_milvus_image_search_finds_the_image_itself_first(milvus_server):
+    port, ids, _ = milvus_server
+    for name, id in ids.items():
+        with open(os.path.join(ASSETS, name), "rb") as f:
+            first = upload(port, f.read(), filename=name, k=3).json()["results"][0]
+        assert (first["id"], first["name"]) == (id, name)
+        assert first["score"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_milvus_thumbnail_of_a_result(milvus_server):
+    port, ids, _ = milvus_server
+    thumb = http(port, "GET", "/api/search?q=a+green+triangle&k=1").json()["results"][0]["thumb"]
+    assert thumb == f"/api/thumb/{ids['green_triangle.jpg']}"
+    answer = http(port, "GET", thumb)
+    assert answer.status == 200 and answer.headers["content-type"] == "image/jpeg"
+    image = Image.open(io.BytesIO(answer.body))
+    assert image.format == "JPEG" and image.size == (160, 160)
+    for name in ids:  # the green triangle's picture, through one more JPEG round, and none of the others
+        original = Image.open(os.path.join(ASSETS, name)).convert("RGB")
+        difference = sum(ImageStat.Stat(ImageChops.difference(image.convert("RGB"), original)).mean) / 3
+        assert (difference < 4) == (name == "green_triangle.jpg"), (name, difference)
+
+
+@pytest.mark.parametrize("id", [0, 5, 6, 10**12 + 1, 2**63 - 1, 2**63, 10**29])  # rows, near misses, past int64
+def test_milvus_unknown_id_is_a_404(milvus_server, id):
+    assert_json_error(http(milvus_server[0], "GET", f"/api/thumb/{id}"), 404, f"no image has id {id}")
+
+
+def test_milvus_negative_id_names_no_range(milvus_server):
+    answer = http(milvus_server[0], "GET", "/api/thumb/-1")
+    assert_json_error(answer, 422, "id must be a whole number from 0")
+    assert "from 0 to" not in answer.json()["detail"]  # a collection's ids are not 0..n-1
 
 
 # ---------------------------------------------------------------------------------------------------- the command
