@@ -604,28 +604,37 @@ def test_import_openclip_lite_imports_no_server_engine():
     assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr
 
 
-def test_serve_command_binds_loopback_and_answers(indexed):
-    port = free_port()
-    command = [sys.executable, "-m", "openclip_lite.cli", "serve", indexed[0], "--port", str(port), "--device", "cpu"]
+@contextlib.contextmanager
+def serve_command(*args: str):
+    """`openclip-lite serve ARGS --port P --device cpu` in a subprocess, once it answers; yields (P, output), a list
+    that holds the command's whole output once the block has stopped it."""
+    port, output = free_port(), []
+    command = [sys.executable, "-m", "openclip_lite.cli", "serve", *args, "--port", str(port), "--device", "cpu"]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 120
         while True:
             try:
-                answer = http(port, "GET", "/api/info")
+                http(port, "GET", "/api/info")
                 break
             except OSError:
                 if process.poll() is not None or time.monotonic() > deadline:
                     pytest.fail(f"serve did not start: {process.communicate(timeout=5)[0] if process.poll() is not None else 'timed out'}")
                 time.sleep(0.2)
+        yield port, output
+    finally:
+        process.terminate()
+        output.append(process.communicate(timeout=30)[0])
+
+
+def test_serve_command_binds_loopback_and_answers(indexed):
+    with serve_command(indexed[0]) as (port, output):
+        answer = http(port, "GET", "/api/info")
         assert answer.status == 200 and answer.json()["count"] == 24
         with pytest.raises(OSError):  # 127.0.0.2 is this machine too, but only 127.0.0.1 was bound
             socket.create_connection(("127.0.0.2", port), timeout=5).close()
-    finally:
-        process.terminate()
-        output = process.communicate(timeout=30)[0]
-    assert f"http://127.0.0.1:{port}/" in output and "24 images" in output
-    assert not TRACEBACK.search(output), output
+    assert f"http://127.0.0.1:{port}/" in output[0] and "24 images" in output[0]
+    assert not TRACEBACK.search(output[0]), output[0]
 
 
 def test_serve_command_errors_are_one_line(tmp_path, capsys):
