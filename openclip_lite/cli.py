@@ -5,9 +5,12 @@ import json
 import os
 import sys
 import warnings
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from .errors import OpenCLIPLiteError
+
+if TYPE_CHECKING:
+    from .milvus import MilvusIndex
 
 
 def cmd_models(args: argparse.Namespace) -> None:
@@ -116,6 +119,18 @@ def cmd_embed_ray(args: argparse.Namespace) -> None:
 # ---- end of embed --engine ray ----
 
 
+NO_INDEX = "give the index (what `embed --out` wrote), or --milvus URI --collection NAME"
+
+
+def _open_milvus(args: argparse.Namespace) -> "MilvusIndex":
+    """The collection that `--milvus URI --collection NAME [--token T]` name, open."""
+    from .milvus import MilvusIndex
+
+    if not args.collection:
+        raise ValueError("--milvus needs --collection NAME")
+    return MilvusIndex(args.milvus, args.collection, token=args.token)
+
+
 def cmd_search(args: argparse.Namespace) -> None:
     import torch
 
@@ -124,16 +139,12 @@ def cmd_search(args: argparse.Namespace) -> None:
     from .search import open_search_index
 
     if args.milvus:  # no index file then: the first positional argument is a query
-        from .milvus import MilvusIndex
-
         args.queries = ([args.index_path] if args.index_path else []) + args.queries
-        if not args.collection:
-            raise ValueError("--milvus needs --collection NAME")
-        index, where = MilvusIndex(args.milvus, args.collection, token=args.token), f"collection {args.collection!r}"
+        index, where = _open_milvus(args), f"collection {args.collection!r}"
     elif args.index_path:
         index, where = open_search_index(args.index_path), args.index_path
     else:
-        raise ValueError("give the index (what `embed --out` wrote), or --milvus URI --collection NAME")
+        raise ValueError(NO_INDEX)
     if not args.queries and not args.image:
         raise ValueError('give a text query ("two dogs in the snow") and/or --image FILE')
     model_name = args.model or index.model
@@ -173,7 +184,16 @@ def cmd_index_to_milvus(args: argparse.Namespace) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     from .server import serve
 
-    serve(args.index_path, host=args.host, port=args.port, device=args.device, model=args.model, download_root=args.root)
+    options = {"host": args.host, "port": args.port, "device": args.device, "model": args.model, "download_root": args.root}
+    if args.milvus and args.index_path:
+        raise ValueError(f"give either INDEX ({args.index_path}) or --milvus URI --collection NAME, not both")
+    if args.milvus:
+        with _open_milvus(args) as index:  # closing writes Milvus Lite's pending state and frees its LOCK
+            serve(index, **options)
+    elif args.index_path:
+        serve(args.index_path, **options)
+    else:
+        raise ValueError(NO_INDEX)
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -262,8 +282,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of a list")
     p.set_defaults(func=cmd_search)
 
-    p = sub.add_parser("serve", help="serve a search page and a JSON API over an index made by `embed`")
-    p.add_argument("index_path", metavar="INDEX", help="what `embed --out` wrote (an embeddings file or an index folder)")
+    p = sub.add_parser("serve", help="serve a search page and a JSON API over an index made by `embed`, or a Milvus collection")
+    p.add_argument("index_path", metavar="INDEX", nargs="?", help="what `embed --out` wrote (an embeddings file or an index folder)")
+    p.add_argument("--milvus", metavar="URI", help="serve a Milvus collection instead: a Milvus Lite file (*.db) or http://host:19530")
+    p.add_argument("--collection", help="the Milvus collection, with --milvus")
+    p.add_argument("--token", help="a Milvus server's token, with --milvus")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 opens it to the network)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
     p.add_argument("--model", help="the model to encode queries with (default: the one that made the index)")

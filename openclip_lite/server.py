@@ -414,7 +414,7 @@ def _version() -> str:
 
 
 def serve(
-    index_path: Union[str, "os.PathLike[str]"],
+    index: Union[str, "os.PathLike[str]", Any],
     host: str = "127.0.0.1",
     port: int = 8000,
     device: Optional[str] = None,
@@ -423,7 +423,8 @@ def serve(
 ) -> None:
     """Open the index, load the model once and serve the page and the API until interrupted (Ctrl+C).
 
-    index_path : what `openclip-lite embed --out` wrote (an embeddings file or a FAISS index folder)
+    index : what `openclip-lite embed --out` wrote (an embeddings file or a FAISS index folder), or an open index
+        such as a `milvus.MilvusIndex` (left open: whoever opened it closes it)
     host : the address to listen on; 127.0.0.1 (this machine only) unless another is given on purpose
     model : a model name or checkpoint path; default: the model stored in the index
     """
@@ -432,10 +433,13 @@ def serve(
 
     from .search import open_search_index
 
-    index = open_search_index(index_path)
+    if isinstance(index, (str, os.PathLike)):
+        where, index = os.fspath(index), open_search_index(index)
+    else:
+        where = repr(index)
     model_name = model or getattr(index, "model", "")
     if not model_name:
-        raise ValueError(f"{os.fspath(index_path)} does not name its model; give it with --model")
+        raise ValueError(f"{where} does not name its model; give it with --model")
     clip_model, preprocess = openclip_lite.load(model_name, device=device, download_root=download_root)
     app = create_app(index, clip_model, preprocess, model_name=model_name)
     if not _is_loopback(host):

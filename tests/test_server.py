@@ -637,9 +637,49 @@ def test_serve_command_binds_loopback_and_answers(indexed):
     assert not TRACEBACK.search(output[0]), output[0]
 
 
+def test_serve_command_serves_a_milvus_collection(demo, tmp_path):
+    uri = str(tmp_path / "milvus.db")
+    ids, _ = fill_milvus(uri, *demo)  # closed again: the command's process takes Milvus Lite's LOCK
+    with serve_command("--milvus", uri, "--collection", "shapes") as (port, output):  # the model: the collection's
+        info = http(port, "GET", "/api/info").json()
+        assert (info["model"], info["count"]) == (DEMO, 6)
+        first = http(port, "GET", "/api/search?q=a+photo+of+a+red+circle&k=3").json()["results"][0]
+        assert (first["name"], first["id"]) == ("red_circle.jpg", ids["red_circle.jpg"])
+        assert http(port, "GET", first["thumb"]).headers["content-type"] == "image/jpeg"
+    assert f"serving 6 images with {DEMO}" in output[0]
+    assert not TRACEBACK.search(output[0]), output[0]
+    with MilvusIndex(uri, "shapes") as index:  # the collection opens again once the command has stopped, whole
+        assert len(index) == 6
+
+
 def test_serve_command_errors_are_one_line(tmp_path, capsys):
     from openclip_lite.cli import main
 
     assert main(["serve", str(tmp_path / "none.safetensors"), "--port", str(free_port())]) == 1
     err = capsys.readouterr().err
     assert "none.safetensors" in err and "embed" in err and "Traceback" not in err
+
+
+def test_serve_command_needs_an_index_or_a_collection_not_both(tmp_path, capsys):
+    from openclip_lite.cli import main
+
+    uri = str(tmp_path / "milvus.db")
+    for args, words in [
+        ([], ["embed --out", "--milvus URI --collection NAME"]),
+        ([str(tmp_path / "index.safetensors"), "--milvus", uri, "--collection", "shapes"], ["index.safetensors", "--milvus", "not both"]),
+        (["--milvus", uri], ["--milvus needs --collection"]),
+    ]:
+        assert main(["serve", *args, "--port", str(free_port())]) == 1, args
+        err = capsys.readouterr().err
+        assert err.startswith("openclip-lite: error: ") and all(word in err for word in words), err
+    assert not os.path.exists(uri)  # refused before Milvus Lite made anything
+
+
+def test_serve_command_needs_a_model_for_an_unnamed_collection(tmp_path, capsys):
+    from openclip_lite.cli import main
+
+    uri = str(tmp_path / "milvus.db")
+    MilvusIndex(uri, "unnamed", dim=64).close()
+    assert main(["serve", "--milvus", uri, "--collection", "unnamed", "--port", str(free_port())]) == 1
+    err = capsys.readouterr().err
+    assert "'unnamed'" in err and "does not name its model; give it with --model" in err and "Traceback" not in err
