@@ -15,7 +15,6 @@ pymilvus is imported only when a `MilvusIndex` is made, so `import openclip_lite
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -388,29 +387,6 @@ class MilvusIndex:
         )
 
 
-def _read_manifest(shards_dir: Path) -> dict:
-    manifest = shards_dir / "manifest.json"
-    if not manifest.exists():
-        return {}
-    try:
-        return json.loads(manifest.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise MilvusIndexError(f"{manifest} is not valid JSON ({e}); rewrite it or remove it.") from e
-
-
-def _embedding_matrix(column: Any, shard: Path) -> np.ndarray:
-    """A Parquet list<float32> column as a float32 array, shape = (rows, dim)."""
-    import pyarrow.compute as pc
-
-    if column.null_count:
-        raise MilvusIndexError(f"{shard} has rows without an embedding; re-embed that shard.")
-    sizes = pc.min_max(pc.list_value_length(column))
-    if len(column) and sizes["min"].as_py() != sizes["max"].as_py():
-        raise MilvusIndexError(f"{shard} has embeddings of different sizes; re-embed that shard.")
-    values = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
-    return values.reshape(len(column), -1)
-
-
 def load_shards_into_milvus(
     shards_dir: str | os.PathLike,
     uri: str | os.PathLike,
@@ -427,29 +403,11 @@ def load_shards_into_milvus(
     `model` and `dim` come from the directory's manifest.json when there is one. A collection that already holds
     rows is taken as an interrupted load of the same shards, and the load goes on after its last row.
     """
-    pq = require("pyarrow.parquet", "milvus")
-    shards_dir = Path(shards_dir)
-    if not shards_dir.is_dir():
-        raise FileNotFoundError(f"Shard directory {shards_dir} does not exist; run `openclip-lite embed` first.")
-    shards = sorted(shards_dir.glob("*.parquet"), key=lambda p: p.name)
-    if not shards:
-        raise MilvusIndexError(f"{shards_dir} holds no Parquet shards (*.parquet); run `openclip-lite embed` first.")
-    manifest = _read_manifest(shards_dir)
-    model = model or manifest.get("model")
-    files = [pq.ParquetFile(shard) for shard in shards]
-    for shard, file in zip(shards, files):
-        missing = {PATH_FIELD, VECTOR_FIELD} - set(file.schema_arrow.names)
-        if missing:
-            raise MilvusIndexError(f"{shard} lacks the column(s) {sorted(missing)}; it is not an embedding shard.")
-    total = sum(file.metadata.num_rows for file in files)
-    dim = manifest.get("dim")
-    if dim is None:
-        first = next((i for i, f in enumerate(files) if f.metadata.num_rows), None)
-        if first is None:
-            raise MilvusIndexError(f"The shards in {shards_dir} hold no rows; nothing to load.")
-        row = next(files[first].iter_batches(batch_size=1, columns=[VECTOR_FIELD]))
-        dim = _embedding_matrix(row.column(0), shards[first]).shape[1]
+    from .shards import open_shards
 
+    shards = open_shards(shards_dir)
+    model = model or shards.model
+    total, dim = len(shards), shards.dim
     index = MilvusIndex(
         uri,
         collection,
@@ -467,19 +425,8 @@ def load_shards_into_milvus(
                 f"Collection '{collection}' already holds {done} rows, more than the {total} in {shards_dir}; load "
                 f"into a new collection."
             )
-        position = 0
-        for shard, file in zip(shards, files):
-            if position + file.metadata.num_rows <= done:
-                position += file.metadata.num_rows  # loaded by an earlier run
-                continue
-            for batch in file.iter_batches(batch_size=batch_size, columns=[PATH_FIELD, VECTOR_FIELD]):
-                n, skip = batch.num_rows, max(0, done - position)
-                if skip < n:
-                    batch = batch.slice(skip)
-                    features = _embedding_matrix(batch.column(VECTOR_FIELD), shard)
-                    paths = [p or "" for p in batch.column(PATH_FIELD).to_pylist()]
-                    index.add(features, ids=torch.arange(position + skip, position + n), paths=paths)
-                position += n
+        for position, paths, features in shards.batches(batch_size, start=done):
+            index.add(features, ids=torch.arange(position, position + len(paths)), paths=paths)
         index.flush()
     except BaseException:
         index.close()

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from openclip_lite.errors import MissingDependencyError, OpenCLIPLiteError
 from openclip_lite.milvus import MilvusIndex, MilvusIndexError, MilvusLockedError, load_shards_into_milvus
+from openclip_lite.shards import ShardError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIM = 32
@@ -319,7 +320,7 @@ def test_load_shards_resumes_an_interrupted_load(tmp_path):
         queries = features(5, seed=17)
         torch.testing.assert_close(index.search(queries, 5, nprobe=8)[1], exact_top_k(queries, data, 5)[1])
 
-    with pytest.raises(MilvusIndexError, match="no Parquet shards"):
+    with pytest.raises(ShardError, match="no Parquet shards"):
         load_shards_into_milvus(tmp_path, uri, "photos")
 
 
