@@ -259,11 +259,36 @@ def test_auto_follows_the_memory_budget(data):
     for budget, kind in [(raw // 2, "ivf_sq8"), (raw // 8, "ivf_pq")]:
         index = build_index(x, kind="auto", memory_budget=budget)
         assert index.kind == kind and index.nbytes <= budget, (index, index.nbytes, budget)
+    # the budget is spent: m is not held to the divisors of 64 (16 bytes, the largest that fits 1 MB here, would
+    # leave a fifth of it unused), and the bytes buy recall
+    _, q = data
+    exact = brute_force(q, x, 10)[1]
+    spent = build_index(x, kind="auto", memory_budget=1_000_000)
+    divisor = build_index(x, kind="ivf_pq", m=16)
+    assert 0.95 * 1_000_000 < spent.nbytes <= 1_000_000 and 64 % spent.params["m"], (spent, spent.nbytes)
+    assert recall(spent.search(q, 10)[1], exact) > recall(divisor.search(q, 10)[1], exact) + 0.03
     assert index.tuned_recall is not None
     with pytest.raises(ValueError, match="too small"):
         build_index(x, kind="auto", memory_budget="100K")
     with pytest.raises(ValueError, match="over memory_budget"):
         build_index(x, kind="hnsw", memory_budget=raw)
+
+
+def test_ivf_pq_with_m_not_dividing_dim(data, tmp_path):
+    # 30 codes on 60 dims: PCA drops the 4 of least variance (as FAISS's PCAR), then 2 dims per code
+    x, q = data
+    index = build_index(x, kind="ivf_pq", m=30, paths=[f"{i}.jpg" for i in range(len(x))], target_recall=TARGET)
+    exact = brute_force(q, x, 10)[1]
+    scores, ids = index.search(q, 10)
+    assert recall(ids, exact) >= MIN_RECALL["ivf_pq"], index.params
+    estimate = estimate_bytes("ivf_pq", len(x), DIM, "cosine", **index.params)
+    assert abs(estimate - index.nbytes) / index.nbytes < 0.05, (estimate, index.nbytes)
+    index.save(tmp_path / "pq30")
+    for mmap in (False, True):
+        loaded = load_index(tmp_path / "pq30", mmap=mmap)
+        assert loaded.params == index.params and torch.equal(loaded.search(q, 10)[1], ids)
+    index.add(q[:100], paths=[f"q{i}.jpg" for i in range(100)])
+    assert (index.search(q[:100], 1)[1][:, 0] == torch.arange(len(x), len(x) + 100)).float().mean() >= 0.9
 
 
 def corrupt_cases(folder):
@@ -375,7 +400,8 @@ def test_bad_builds_are_clear_errors(data):
         ({"kind": "annoy"}, "unknown index kind"),
         ({"metric": "cos"}, "unknown metric"),
         ({"kind": "hnsw", "nprobe": 4}, "hnsw takes no parameter 'nprobe'"),
-        ({"kind": "ivf_pq", "m": 7}, "m=7 must divide dim=64"),
+        ({"kind": "ivf_pq", "m": 40}, "m=40 codes would cover 40 of the 64 dimensions"),
+        ({"kind": "ivf_pq", "m": 65}, "m=65"),
         ({"kind": "ivf_flat", "nlist": 5000}, "nlist=5000"),
         ({"kind": "ivf_flat", "nlist": 0}, "positive integer"),
         ({"kind": "auto", "nlist": 16}, "kind='auto' chooses"),
@@ -441,3 +467,90 @@ def test_faiss_is_imported_only_when_needed():
     assert imported == "False"
     assert 'pip install "openclip-lite[index]"' in message
     assert issubclass(MissingDependencyError, ImportError)
+
+
+def test_get_paths_by_id():
+    x = clustered(200, 16)
+    ids = np.arange(200) * 7 + 10**12
+    index = build_index(x, ids=ids, paths=[f"img{i}.jpg" for i in range(200)], kind="flat")
+    assert index.get_paths([ids[5], ids[199], -1, 3, 2**63, 10**30]) == ["img5.jpg", "img199.jpg", None, None, None, None]
+    index.add(x[:2], ids=[1, 2], paths=["a.jpg", "b.jpg"])  # the lookup follows additions
+    assert index.get_paths(torch.tensor([2, 1, ids[0]])) == ["b.jpg", "a.jpg", "img0.jpg"]
+    assert build_index(x, kind="flat").get_paths([0, 1]) == [None, None]  # an index that keeps no paths
+
+
+# ---------------------------------------------------------------------------------------------------- from shards
+
+
+def write_shards(folder, x: np.ndarray, sizes: list[int], manifest: dict | None = None) -> list[str]:
+    """x's rows as Parquet shards in `distributed.embed`'s layout (part-NNNNN.parquet: path, embedding); the paths."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder.mkdir()
+    paths, start = [f"photos/{i:06d}.jpg" for i in range(len(x))], 0
+    for number, size in enumerate(sizes):
+        rows = slice(start, start + size)
+        table = pa.table({"path": paths[rows], "embedding": pa.array(list(x[rows]), pa.list_(pa.float32()))})
+        pq.write_table(table, folder / f"part-{number:05d}.parquet", row_group_size=1000)
+        start += size
+    assert start == len(x)
+    if manifest is not None:
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+    return paths
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf_pq", "hnsw"])
+def test_build_from_shards_equals_build_from_memory(data, kind, tmp_path):
+    # the same rows read a shard batch at a time (an empty shard, uneven sizes) give the same index: the same
+    # training sample, the same held-out tuning queries, the same knob, the same answers
+    x, q = data
+    sizes = [7000, 0, 9000, 4000]
+    paths = write_shards(tmp_path / "shards", x, sizes, {"model": "ViT-L/14", "dim": DIM, "count": len(x)})
+    from_shards = build_index(tmp_path / "shards", kind=kind, target_recall=TARGET, **PARAMS.get(kind, {}))
+    in_memory = build_index(x, kind=kind, paths=paths, target_recall=TARGET, **PARAMS.get(kind, {}))
+    assert (from_shards.model, from_shards.paths, from_shards.params) == ("ViT-L/14", paths, in_memory.params)
+    assert torch.equal(from_shards.ids, torch.arange(len(x)))
+    scores, ids = from_shards.search(q, 10)
+    if kind != "hnsw":  # FAISS links HNSW nodes in parallel within each add: the graph depends on the threads
+        assert torch.equal(ids, in_memory.search(q, 10)[1]) and torch.equal(scores, in_memory.search(q, 10)[0])
+    assert recall(ids, brute_force(q, x, 10)[1]) >= MIN_RECALL[kind]
+
+
+def test_build_from_shards_with_a_budget_and_no_manifest(data, tmp_path):
+    x, q = data
+    x = x * 3  # not normalised: cosine normalises each batch as it arrives
+    write_shards(tmp_path / "shards", x, [12_000, 8000])  # no manifest: a job still running, or shards from elsewhere
+    index = build_index(str(tmp_path / "shards"), kind="auto", memory_budget=x.nbytes // 8, model="mine")
+    assert index.kind == "ivf_pq" and index.model == "mine" and index.nbytes <= x.nbytes // 8
+    assert index.paths[12_345] == "photos/012345.jpg"
+    in_memory = build_index(x, kind="auto", memory_budget=x.nbytes // 8)
+    assert index.params == in_memory.params and torch.equal(index.search(q, 10)[1], in_memory.search(q, 10)[1])
+
+
+def test_bad_shards_are_clear_errors(data, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from openclip_lite.shards import ShardError
+
+    x, _ = data
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        build_index(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ShardError, match="no Parquet shards"):
+        build_index(tmp_path / "empty")
+    write_shards(tmp_path / "counted", x[:100], [100], {"count": 150, "dim": DIM})
+    with pytest.raises(ShardError, match="says 150 rows but the shards hold 100"):
+        build_index(tmp_path / "counted")
+    write_shards(tmp_path / "mixed", x[:100], [100])
+    pq.write_table(pa.table({"path": ["a.jpg"], "embedding": pa.array([[0.5] * 32], pa.list_(pa.float32()))}), tmp_path / "mixed" / "part-00001.parquet")
+    with pytest.raises(ShardError, match="32 to 32 values, not 64"):
+        build_index(tmp_path / "mixed", kind="flat")
+    (tmp_path / "other").mkdir()
+    pq.write_table(pa.table({"file": ["a.jpg"]}), tmp_path / "other" / "part-00000.parquet")
+    with pytest.raises(ShardError, match=r"lacks the column\(s\) \['embedding', 'path'\]"):
+        build_index(tmp_path / "other")
+    write_shards(tmp_path / "nan", np.full((20, DIM), np.nan, dtype=np.float32), [20])
+    with pytest.raises(ValueError, match="NaN"):
+        build_index(tmp_path / "nan", kind="flat")
