@@ -7,6 +7,8 @@ import sys
 import warnings
 from typing import TYPE_CHECKING, Optional
 
+import numpy as np
+
 from .errors import OpenCLIPLiteError
 
 if TYPE_CHECKING:
@@ -65,7 +67,7 @@ def cmd_embed(args: argparse.Namespace) -> None:
     paths = list_images(args.inputs)
     if not paths:
         raise ValueError(f"no image files in {' '.join(args.inputs)} (looked for .jpg .jpeg .png .webp .bmp .gif .tif .tiff, recursively)")
-    build_options = {"memory_budget": parse_size(args.memory_budget)} if args.memory_budget else {}
+    build_options = {"memory_budget": args.memory_budget} if args.memory_budget else {}
     model, preprocess = clip.load(args.model, device=args.device, download_root=args.root)
     with warnings.catch_warnings():
         warnings.simplefilter("always", SkippedImageWarning)
@@ -181,6 +183,69 @@ def cmd_index_to_milvus(args: argparse.Namespace) -> None:
         print(f"{len(index)} vectors of {index.model or 'an unnamed model'} in collection {args.collection!r} at {args.uri}")
 
 
+def cmd_index_build(args: argparse.Namespace) -> None:
+    from .index import build_index
+
+    options = {"memory_budget": args.memory_budget} if args.memory_budget else {}
+    with warnings.catch_warnings():
+        warnings.showwarning = _print_warning  # a recall short of the target: one plain line
+        index = build_index(args.shards, kind=args.kind, metric=args.metric, model=args.model, target_recall=args.target_recall, **options)
+    index.save(args.out)
+    print(f"{len(index)} vectors of {index.model or 'an unnamed model'} from {args.shards}: {_describe(index)}; written to {args.out}")
+
+
+def cmd_index_info(args: argparse.Namespace) -> None:
+    from .index import load_index
+
+    index = load_index(args.path, mmap=True)  # checks every file, reads no vectors into memory
+    on_disk = sum(entry.stat().st_size for entry in os.scandir(args.path) if entry.is_file())
+    info = {
+        "path": os.path.abspath(args.path),
+        "kind": index.kind,
+        "metric": index.metric,
+        "dim": index.dim,
+        "count": len(index),
+        "params": index.params,
+        "model": index.model,
+        "tuned_recall": index.tuned_recall,
+        "paths": index.paths is not None,
+        "index_bytes": index.nbytes,  # what a memory budget counts: FAISS's structures and the ids
+        "file_bytes": on_disk,  # all the files, paths.json included
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return
+    for name, value in info.items():
+        print(f"{name:13s} {value}")
+
+
+def cmd_index_tune(args: argparse.Namespace) -> None:
+    from .index import load_index
+
+    index = load_index(args.path)
+    features = None
+    if args.features:  # the exact vectors, so that recall counts the quantisation error of ivf_sq8 / ivf_pq
+        from .shards import open_shards
+
+        shards = open_shards(args.features)
+        features = shards.take(np.arange(len(shards)))
+    before = dict(index.params)
+    with warnings.catch_warnings():
+        warnings.showwarning = _print_warning
+        index.tune(target_recall=args.target_recall, k=args.k, features=features)
+    index.save(args.path)
+    changes = ", ".join(f"{name} {before.get(name)} -> {value}" for name, value in index.params.items() if before.get(name) != value)
+    caveat = " against its own quantised vectors (give --features SHARDS_DIR for the exact ones)" if index.kind in ("ivf_sq8", "ivf_pq") and features is None else ""
+    print(f"{args.path}: {changes or 'unchanged'}; recall@{args.k} {index.tuned_recall:.3f}{caveat} (target {args.target_recall})")
+
+
+def _describe(index) -> str:
+    """'ivf_pq (nlist=2564, m=234, nbits=8, nprobe=16), recall@10 0.87, 243 MiB'."""
+    params = ", ".join(f"{name}={value}" for name, value in index.params.items())
+    recall = f", recall@10 {index.tuned_recall:.3f}" if index.tuned_recall is not None else ""
+    return f"{index.kind}{f' ({params})' if params else ''}{recall}, {index.nbytes / 2**20:.1f} MiB"
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     from .server import serve
 
@@ -213,17 +278,6 @@ def _print_warning(message, category, filename, lineno, file=None, line=None) ->
     print(f"openclip-lite: warning: {message}", file=sys.stderr)
 
 
-def parse_size(text: str) -> int:
-    """'16GB', '512MiB', '2e9' -> bytes (decimal units are powers of 1000, binary ones of 1024)."""
-    units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-    number = text.strip().lower().rstrip("bitkmg")
-    unit = text.strip().lower()[len(number) :]
-    try:
-        return int(float(number) * units[unit])
-    except (KeyError, ValueError):
-        raise ValueError(f"cannot read {text!r} as a size; write e.g. 16GB, 512MiB or a number of bytes") from None
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="openclip-lite", description="OpenAI's CLIP models: zero-shot classification, embedding and search.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -253,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="index.pt or index.safetensors: one embeddings file (exact search); any other name: a FAISS index folder")
     p.add_argument("--model", default="ViT-B/32", help="a released model name or a checkpoint path")
     p.add_argument("--index", metavar="KIND", help="FAISS index kind for a folder --out: flat (default), ivf_flat, ivf_sq8, ivf_pq, hnsw or auto")
-    p.add_argument("--memory-budget", metavar="SIZE", help="for --index auto: the most memory the index may use, e.g. 16GB")
+    p.add_argument("--memory-budget", metavar="SIZE", help="for --index auto: the most memory the index may use, e.g. 16G or 512M (units of 1024)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--num-workers", type=int, metavar="N", help="image decoding processes (default: one per CPU core, at most 16)")
     p.add_argument("--strict", action="store_true", help="stop at the first unreadable image instead of skipping it")
@@ -294,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", help="download cache directory")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("index", help="manage indexes: load embedding shards into Milvus")
+    p = sub.add_parser("index", help="manage indexes: build one from embedding shards, inspect or tune it, load shards into Milvus")
     index_sub = p.add_subparsers(dest="index_command", required=True)
     q = index_sub.add_parser("to-milvus", help="load the Parquet shards of `embed --engine ray` into a Milvus collection")
     q.add_argument("shards", metavar="SHARDS_DIR")
@@ -303,6 +357,25 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--index-type", help="FLAT, IVF_FLAT, IVF_SQ8 or HNSW (default: the collection's, else FLAT)")
     q.add_argument("--token", help="a Milvus server's token")
     q.set_defaults(func=cmd_index_to_milvus)
+    q = index_sub.add_parser("build", help="build a FAISS index from the Parquet shards of `embed --engine ray`, streaming them")
+    q.add_argument("shards", metavar="SHARDS_DIR", help="the folder `embed --engine ray --out` wrote (local, or a pyarrow URI such as s3://...)")
+    q.add_argument("--out", required=True, metavar="INDEX_DIR", help="the folder to save the index to (what `search` and `serve` open)")
+    q.add_argument("--kind", default="auto", choices=("auto", "flat", "ivf_flat", "ivf_sq8", "ivf_pq", "hnsw"), help="default: auto, which picks by size and --memory-budget")
+    q.add_argument("--memory-budget", metavar="SIZE", help="the most memory the index may use, e.g. 4G or 512M (units of 1024)")
+    q.add_argument("--metric", default="cosine", choices=("cosine", "ip", "l2"))
+    q.add_argument("--target-recall", type=float, default=0.95, help="recall@10 to tune nprobe / efSearch to (default: 0.95)")
+    q.add_argument("--model", help="the model name to record (default: the shards' manifest's)")
+    q.set_defaults(func=cmd_index_build)
+    q = index_sub.add_parser("info", help="what an index folder holds: kind, parameters, count, model, recall, size")
+    q.add_argument("path", metavar="INDEX_DIR")
+    q.add_argument("--json", action="store_true", help="print JSON instead of a list")
+    q.set_defaults(func=cmd_index_info)
+    q = index_sub.add_parser("tune", help="set an index's nprobe / efSearch to the smallest that reaches a recall, and save it")
+    q.add_argument("path", metavar="INDEX_DIR")
+    q.add_argument("--target-recall", type=float, default=0.95, help="recall@k to reach, against exact search (default: 0.95)")
+    q.add_argument("-k", type=int, default=10, help="the k of recall@k (default: 10)")
+    q.add_argument("--features", metavar="SHARDS_DIR", help="the shards the index was built from: recall against their exact vectors (default: the index's own, quantised for ivf_sq8 / ivf_pq)")
+    q.set_defaults(func=cmd_index_tune)
 
     p = sub.add_parser("export", help="export the image and text towers to ONNX, to run without PyTorch")
     p.add_argument("model", metavar="NAME_OR_PATH", help="a released model name or a checkpoint path")

@@ -107,3 +107,88 @@ def test_shards_to_milvus_then_search_by_image(tmp_path):
 def test_search_with_milvus_needs_a_collection(tmp_path):
     result = run("search", "--milvus", str(tmp_path / "m.db"), "a red circle")
     assert result.returncode == 1 and "--collection" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------------- FAISS indexes
+
+
+def write_photos(folder, n: int = 120) -> list[str]:
+    """n small JPEGs of random coloured rectangles: different enough that each is its own nearest neighbour."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(0)
+    folder.mkdir()
+    paths = []
+    for i in range(n):
+        image = Image.new("RGB", (64, 64), tuple(int(c) for c in rng.integers(0, 256, 3)))
+        draw = ImageDraw.Draw(image)
+        for _ in range(3):
+            x0, y0 = (int(v) for v in rng.integers(0, 48, 2))
+            draw.rectangle([x0, y0, x0 + 16, y0 + 16], fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+        paths.append(str(folder / f"{i:03d}.jpg"))
+        image.save(paths[-1], quality=95)
+    return paths
+
+
+def info(index: str) -> dict:
+    result = run("index", "info", index, "--json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_embed_into_an_index_kind_then_info_tune_and_search(tmp_path):
+    photos = write_photos(tmp_path / "photos")
+    index = str(tmp_path / "photos-index")
+    embed = ["embed", str(tmp_path / "photos"), "--model", DEMO, "--device", "cpu", "--num-workers", "0"]
+    result = run(*embed, "--out", index, "--index", "ivf_flat", "--memory-budget", "4G")  # 4G: sizes as build_index reads them
+    assert result.returncode == 0, result.stderr
+    assert f"embedded {len(photos)} images" in result.stdout
+    described = info(index)
+    assert (described["kind"], described["count"], described["model"], described["paths"]) == ("ivf_flat", 120, DEMO, True)
+    assert set(described["params"]) == {"nlist", "nprobe"} and 0 < described["index_bytes"] < described["file_bytes"]
+
+    result = run("search", index, "--image", photos[17], "-k", "3", "--device", "cpu", "--json")
+    assert result.returncode == 0, result.stderr
+    top = json.loads(result.stdout)[0]["results"][0]
+    assert top["path"] == os.path.abspath(photos[17]) and top["score"] == pytest.approx(1.0, abs=1e-4)
+
+    # recall 1.0 asks for every cell: IVF-Flat then searches exactly
+    result = run("index", "tune", index, "--target-recall", "1.0")
+    assert result.returncode == 0 and "recall@10 1.000" in result.stdout, result.stdout + result.stderr
+    tuned = info(index)
+    assert tuned["tuned_recall"] == 1.0 and tuned["params"]["nprobe"] <= tuned["params"]["nlist"]
+
+    result = run(*embed, "--out", str(tmp_path / "tiny-index"), "--index", "auto", "--memory-budget", "1K")
+    assert result.returncode == 1 and "too small" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "tiny-index").exists()
+
+
+def test_index_build_from_shards_then_search(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import openclip_lite as clip
+
+    photos = write_photos(tmp_path / "photos")
+    model, preprocess = clip.load(DEMO, device="cpu")
+    features = clip.encode_images(model, preprocess, photos, num_workers=0).features
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for number, rows in enumerate([slice(0, 70), slice(70, 120)]):
+        table = pa.table({"path": photos[rows], "embedding": pa.array(features[rows].tolist(), type=pa.list_(pa.float32()))})
+        pq.write_table(table, shards / f"part-{number:05d}.parquet")
+    (shards / "manifest.json").write_text(json.dumps({"model": DEMO, "dim": features.shape[1], "count": len(photos)}))
+
+    index = str(tmp_path / "index")
+    result = run("index", "build", str(shards), "--out", index, "--kind", "hnsw")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"120 vectors of {DEMO} from {shards}: hnsw (M=32")
+    assert (info(index)["kind"], info(index)["count"]) == ("hnsw", 120)
+    result = run("search", index, "--image", photos[99], "-k", "2", "--device", "cpu", "--json")  # model from the index
+    assert result.returncode == 0, result.stderr
+    top = json.loads(result.stdout)[0]["results"][0]
+    assert top["path"] == photos[99] and top["score"] == pytest.approx(1.0, abs=1e-4)
+
+    result = run("index", "build", str(tmp_path / "photos"), "--out", str(tmp_path / "bad"))
+    assert result.returncode == 1 and "no Parquet shards" in result.stderr

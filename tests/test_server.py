@@ -595,6 +595,25 @@ def test_milvus_negative_id_names_no_range(milvus_server):
     assert "from 0 to" not in answer.json()["detail"]  # a collection's ids are not 0..n-1
 
 
+def test_a_faiss_index_with_its_own_ids_serves_each_id_its_own_image(demo):
+    from openclip_lite.index import build_index
+
+    model, preprocess = demo
+    images = sorted(os.path.join(ASSETS, f) for f in os.listdir(ASSETS) if f.endswith(".jpg"))
+    features = clip.encode_images(model, preprocess, images, num_workers=0).features
+    ids = [10**12 + 7919 * n for n in range(len(images))]  # not rows: a lookup by row would find none
+    index = build_index(features, ids=ids, paths=images, kind="flat", model=DEMO)
+    with running(create_app(index, model, preprocess)) as port:
+        results = http(port, "GET", "/api/search?q=a+photo+of+a+red+circle&k=6&per_page=6").json()["results"]
+        assert results[0]["name"] == "red_circle.jpg"
+        assert [r["id"] for r in results] == [ids[images.index(os.path.join(ASSETS, r["name"]))] for r in results]
+        for r in results[:2]:
+            thumb = Image.open(io.BytesIO(http(port, "GET", r["thumb"]).body)).convert("RGB")
+            original = Image.open(os.path.join(ASSETS, r["name"])).convert("RGB")
+            assert sum(ImageStat.Stat(ImageChops.difference(thumb, original)).mean) / 3 < 4
+        assert_json_error(http(port, "GET", "/api/thumb/0"), 404, "no image has id 0")
+
+
 # ---------------------------------------------------------------------------------------------------- the command
 
 
