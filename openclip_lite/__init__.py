@@ -12,11 +12,14 @@ from .errors import (
     DeviceError,
     DownloadError,
     ImageError,
+    IndexFileError,
     MissingDependencyError,
     OpenCLIPLiteError,
+    ShardError,
     UnknownModelError,
     UnsafeCheckpointError,
 )
+from .index import build_index, load_index
 from .loss import contrastive_loss
 from .model import CLIP, build_model, convert_weights, resize_image_embeddings
 from .pretrained import available_models
@@ -40,6 +43,8 @@ __all__ = [
     "encode_images",
     "encode_texts",
     "search",
+    "build_index",
+    "load_index",
     "contrastive_loss",
     "DEFAULT_TEMPLATES",
     "IMAGENET_CLASSES",
@@ -53,6 +58,8 @@ __all__ = [
     "ChecksumError",
     "DeviceError",
     "ImageError",
+    "IndexFileError",
+    "ShardError",
     "MissingDependencyError",
 ]
 

@@ -38,6 +38,10 @@ class IndexFileError(OpenCLIPLiteError, ValueError):
     """A saved index that cannot be read: missing, truncated, corrupt, not an openclip-lite index, or newer."""
 
 
+class ShardError(OpenCLIPLiteError, ValueError):
+    """A folder of embedding shards that cannot be read: no shards, missing columns, ragged or absent vectors."""
+
+
 class DeviceError(OpenCLIPLiteError, ValueError, RuntimeError):
     """A device that does not exist or is not usable here (`device="cuda"` without CUDA, a misspelt name).
 

@@ -21,17 +21,13 @@ from typing import Any
 
 import numpy as np
 
-from .errors import OpenCLIPLiteError, require
+from .errors import ShardError, require
 
 __all__ = ["ShardError", "Shards", "open_shards"]
 
 PATH_COLUMN, EMBEDDING_COLUMN = "path", "embedding"
 MANIFEST = "manifest.json"
 BATCH_ROWS = 10_000
-
-
-class ShardError(OpenCLIPLiteError, ValueError):
-    """A shards folder that cannot be read as embeddings: no shards, missing columns, ragged or absent vectors."""
 
 
 class Shards:

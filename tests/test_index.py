@@ -554,3 +554,9 @@ def test_bad_shards_are_clear_errors(data, tmp_path):
     write_shards(tmp_path / "nan", np.full((20, DIM), np.nan, dtype=np.float32), [20])
     with pytest.raises(ValueError, match="NaN"):
         build_index(tmp_path / "nan", kind="flat")
+
+
+def test_the_top_level_names_are_these():
+    import openclip_lite as clip
+
+    assert (clip.build_index, clip.load_index, clip.IndexFileError) == (build_index, load_index, IndexFileError)
