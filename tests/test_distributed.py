@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -367,6 +368,60 @@ def test_cli_with_uri_source(ray_cluster, checkpoint, image_dir, expected, tmp_p
     paths, features = read_shards(out)
     assert paths == sorted(f"file://{p}" for p in expected if "/group3/" in p) and len(os.listdir(out)) == 3
     torch.testing.assert_close(features, torch.stack([expected[p.removeprefix("file://")] for p in paths]), rtol=1e-5, atol=1e-5)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_cli_on_a_cluster_started_with_ray_start(checkpoint, image_dir, expected, tmp_path):
+    """A cluster as users start one (`ray start --head`, token authentication on, as Ray 2.61 makes the default),
+    reached by `--address` from a separate driver process: the cluster path, not the local Ray of the other tests."""
+    port, temp = free_port(), tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # Ray's socket paths must stay short
+    env = {**os.environ, "PYTHONPATH": REPO, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": os.urandom(16).hex()}
+    env.pop("RAY_ADDRESS", None)
+    ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
+    head = subprocess.Popen(
+        [ray_cli, "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false", "--block",
+         f"--temp-dir={temp}", "--disable-usage-stats", f"--object-store-memory={200 * 2**20}"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+    )
+    try:
+        out = tmp_path / "out"
+        command = [sys.executable, "-m", "openclip_lite.cli", "embed", str(image_dir / "group0"), "--engine", "ray",
+                   "--address", f"127.0.0.1:{port}", "--out", str(out), "--model", checkpoint, "--batch-size", "16",
+                   "--shard-size", "40"]
+        for _ in range(30):  # the head takes a few seconds to listen; until then the driver cannot connect
+            result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+            if result.returncode == 0 or head.poll() is not None or "embedded" in result.stdout:
+                break
+            time.sleep(2)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "embedded 75 images" in result.stdout
+        paths, features = read_shards(out)
+        assert paths == sorted(p for p in expected if "/group0/" in p)
+        torch.testing.assert_close(features, torch.stack([expected[p] for p in paths]), rtol=1e-5, atol=1e-5)
+        command[command.index("--out") + 1] = str(tmp_path / "wrong")
+        wrong = subprocess.run(command, env={**env, "RAY_AUTH_TOKEN": "0" * 32}, capture_output=True, text=True, timeout=300, cwd=REPO)
+        assert wrong.returncode != 0 and "token" in wrong.stderr.lower(), wrong.stderr[-3000:]  # a wrong token: refused
+        assert not (tmp_path / "wrong" / MANIFEST_NAME).exists()
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops its processes on SIGTERM, though not all
+        try:
+            head.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            pass
+        for pid in [int(p) for p in os.listdir("/proc") if p.isdigit()]:  # workers have process groups of their own
+            try:
+                if os.getsid(pid) == head.pid:
+                    os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def test_cli_rejects_options_of_the_other_engine(image_dir, tmp_path, capsys):
