@@ -85,7 +85,8 @@ def cmd_embed(args: argparse.Namespace) -> None:
         raise ValueError(f"none of the {len(paths)} image files could be read; nothing was written to {args.out}")
     model_name = os.path.abspath(args.model) if os.path.isfile(args.model) else args.model  # usable from any folder
     kept_paths = [os.path.abspath(paths[i]) for i in kept]
-    written = save_search_index(args.out, features, kept_paths, model_name, kind=args.index, **build_options)
+    kind = args.index or ("auto" if args.memory_budget else None)  # a budget alone asks for the kind that fits it
+    written = save_search_index(args.out, features, kept_paths, model_name, kind=kind, **build_options)
     skipped_note = f", skipped {len(skipped)} unreadable (see the warnings above)" if skipped else ""
     print(f"embedded {len(kept)} images with {args.model}{skipped_note}: {written} written to {args.out}")
 
@@ -307,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="index.pt or index.safetensors: one embeddings file (exact search); any other name: a FAISS index folder")
     p.add_argument("--model", default="ViT-B/32", help="a released model name or a checkpoint path")
     p.add_argument("--index", metavar="KIND", help="FAISS index kind for a folder --out: flat (default), ivf_flat, ivf_sq8, ivf_pq, hnsw or auto")
-    p.add_argument("--memory-budget", metavar="SIZE", help="for --index auto: the most memory the index may use, e.g. 16G or 512M (units of 1024)")
+    p.add_argument("--memory-budget", metavar="SIZE", help="the most memory the index may use, e.g. 16G or 512M (units of 1024); without --index, picks the kind that fits (auto)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--num-workers", type=int, metavar="N", help="image decoding processes (default: one per CPU core, at most 16)")
     p.add_argument("--strict", action="store_true", help="stop at the first unreadable image instead of skipping it")

@@ -159,7 +159,7 @@ def test_embed_into_an_index_kind_then_info_tune_and_search(tmp_path):
     tuned = info(index)
     assert tuned["tuned_recall"] == 1.0 and tuned["params"]["nprobe"] <= tuned["params"]["nlist"]
 
-    result = run(*embed, "--out", str(tmp_path / "tiny-index"), "--index", "auto", "--memory-budget", "1K")
+    result = run(*embed, "--out", str(tmp_path / "tiny-index"), "--memory-budget", "1K")  # a budget alone: auto
     assert result.returncode == 1 and "too small" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "tiny-index").exists()
 
