@@ -702,8 +702,8 @@ def build_index(
     kind : "flat", "ivf_flat", "ivf_sq8", "ivf_pq", "hnsw" or "auto" (picks by n and memory_budget: flat below
         10k vectors, else HNSW when it fits, else ivf_flat, ivf_sq8, then ivf_pq with the largest m that fits)
     metric : "cosine", "ip" or "l2"
-    paths : one string per vector (the image it came from), kept with the index
-    model : the name of the model that made the features, kept with the index
+    paths : one string per vector (the image it came from), kept with the index; default for shards: theirs
+    model : the name of the model that made the features, kept with the index; default for shards: the manifest's
     memory_budget : bytes (int) or a size ("512M", "4G") the index may take; checked for every kind
     target_recall : recall@10 to tune nprobe / efSearch to (see `Index.tune`), measured against exact search
         with 1000 of the vectors (a tenth of them, when fewer) as queries, held out of the index until tuning is
@@ -751,8 +751,10 @@ def build_index(
         _train(faiss, faiss_index, prepare(source.take(sample)), kind)
     elif kind == "hnsw":
         faiss.downcast_index(faiss_index.index).hnsw.efConstruction = params["efConstruction"]
-    kept_paths = paths if paths is not None or not source.has_paths else []
-    index = Index(faiss_index, kind, metric, ids, kept_paths, model, params)
+    paths_from_source = paths is None and source.has_paths  # shards carry each row's path: kept, unless given
+    if paths_from_source:
+        paths = []
+    index = Index(faiss_index, kind, metric, ids, paths, model, params)  # `paths` is filled below, batch by batch
     knob = SEARCH_KNOB.get(kind)
     held_out = min(DEFAULT_RECALL_QUERIES, n // 10)
     tuning = knob is not None and knob not in params and target_recall is not None and held_out >= 2
@@ -769,8 +771,8 @@ def build_index(
     for start, batch_paths, batch in source.batches():
         rows = np.arange(start, start + len(batch))
         batch = prepare(batch, start)
-        if kept_paths is not paths:
-            kept_paths.extend(batch_paths)
+        if paths_from_source:
+            paths.extend(batch_paths)
         if tuning:
             keep = ~is_query[rows]
             rows, batch = rows[keep], batch[keep]
