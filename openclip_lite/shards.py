@@ -21,12 +21,12 @@ from typing import Any
 
 import numpy as np
 
+from .distributed import MANIFEST_NAME
 from .errors import ShardError, require
 
 __all__ = ["ShardError", "Shards", "open_shards"]
 
 PATH_COLUMN, EMBEDDING_COLUMN = "path", "embedding"
-MANIFEST = "manifest.json"
 BATCH_ROWS = 10_000
 
 
@@ -105,7 +105,7 @@ def _paths(column: Any) -> list[str]:
 
 def open_shards(folder: str | os.PathLike) -> Shards:
     """The shards in `folder` (a local path or a pyarrow filesystem URI), checked: columns, row counts, dim."""
-    require("pyarrow.parquet", "ray")
+    pq = require("pyarrow.parquet", "ray")
     from pyarrow import fs as pafs
 
     folder = os.fspath(folder)
@@ -120,8 +120,7 @@ def open_shards(folder: str | os.PathLike) -> Shards:
     files = [f"{root}/{name}" for name in names if name.endswith(".parquet") and not name.startswith(".")]
     if not files:
         raise ShardError(f"{folder} holds no Parquet shards (*.parquet); make them with: openclip-lite embed SOURCE --engine ray --out {folder}")
-    manifest = _manifest(filesystem, f"{root}/{MANIFEST}") if MANIFEST in names else {}
-    pq = require("pyarrow.parquet", "ray")
+    manifest = _manifest(filesystem, f"{root}/{MANIFEST_NAME}") if MANIFEST_NAME in names else {}
     counts, dim = [], manifest.get("dim")
     for file in files:
         parquet = pq.ParquetFile(filesystem.open_input_file(file))
@@ -136,7 +135,7 @@ def open_shards(folder: str | os.PathLike) -> Shards:
         raise ShardError(f"the shards in {folder} hold no embeddings; nothing to read")
     if "count" in manifest and manifest["count"] != sum(counts):
         raise ShardError(
-            f"{folder}/{MANIFEST} says {manifest['count']} rows but the shards hold {sum(counts)}; shards were added "
+            f"{folder}/{MANIFEST_NAME} says {manifest['count']} rows but the shards hold {sum(counts)}; shards were added "
             f"or removed after the job: rerun the same embed to bring them back in line"
         )
     return Shards(folder, filesystem, files, counts, int(dim), manifest.get("model"))

@@ -190,5 +190,9 @@ def test_index_build_from_shards_then_search(tmp_path):
     top = json.loads(result.stdout)[0]["results"][0]
     assert top["path"] == photos[99] and top["score"] == pytest.approx(1.0, abs=1e-4)
 
+    result = run("index", "tune", index, "--features", str(shards), "--target-recall", "0.9")  # the exact vectors
+    assert result.returncode == 0 and "recall@10" in result.stdout, result.stderr
+    assert info(index)["tuned_recall"] >= 0.9
+
     result = run("index", "build", str(tmp_path / "photos"), "--out", str(tmp_path / "bad"))
     assert result.returncode == 1 and "no Parquet shards" in result.stderr
