@@ -8,9 +8,7 @@ import sys
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))  # tests/reference.py, tests/hub_server.py
-
-from reference import reference_model  # noqa: E402
+sys.path.insert(0, os.path.dirname(__file__))  # the helpers beside the tests: reference.py, hub_server.py, parquet_shards.py
 
 
 def pytest_configure(config):

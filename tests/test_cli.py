@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from parquet_shards import write_shards
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ASSETS = os.path.join(ROOT, "examples", "assets")
@@ -78,19 +79,13 @@ def test_example_script_runs_offline():
 
 def test_shards_to_milvus_then_search_by_image(tmp_path):
     """`index to-milvus` loads embedding shards into Milvus Lite; `search --milvus` finds an image by itself."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     import openclip_lite as clip
 
     model, preprocess = clip.load(DEMO, device="cpu")
     images = samples()
     features = clip.encode_images(model, preprocess, images, num_workers=0).features
     shards = tmp_path / "shards"
-    shards.mkdir()
-    table = pa.table({"path": images, "embedding": pa.array(features.tolist(), type=pa.list_(pa.float32()))})
-    pq.write_table(table, shards / "part-00000.parquet")
-    (shards / "manifest.json").write_text(json.dumps({"model": DEMO, "dim": features.shape[1], "count": len(images)}))
+    write_shards(shards, images, features, [len(images)], {"model": DEMO, "dim": features.shape[1], "count": len(images)})
     uri = str(tmp_path / "milvus.db")
 
     result = run("index", "to-milvus", str(shards), "--uri", uri, "--collection", "shapes")
@@ -165,20 +160,13 @@ def test_embed_into_an_index_kind_then_info_tune_and_search(tmp_path):
 
 
 def test_index_build_from_shards_then_search(tmp_path):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     import openclip_lite as clip
 
     photos = write_photos(tmp_path / "photos")
     model, preprocess = clip.load(DEMO, device="cpu")
     features = clip.encode_images(model, preprocess, photos, num_workers=0).features
     shards = tmp_path / "shards"
-    shards.mkdir()
-    for number, rows in enumerate([slice(0, 70), slice(70, 120)]):
-        table = pa.table({"path": photos[rows], "embedding": pa.array(features[rows].tolist(), type=pa.list_(pa.float32()))})
-        pq.write_table(table, shards / f"part-{number:05d}.parquet")
-    (shards / "manifest.json").write_text(json.dumps({"model": DEMO, "dim": features.shape[1], "count": len(photos)}))
+    write_shards(shards, photos, features, [70, 50], {"model": DEMO, "dim": features.shape[1], "count": len(photos)})
 
     index = str(tmp_path / "index")
     result = run("index", "build", str(shards), "--out", index, "--kind", "hnsw")

@@ -19,6 +19,7 @@ import torch
 
 from openclip_lite.errors import IndexFileError, MissingDependencyError, OpenCLIPLiteError
 from openclip_lite.index import KINDS, build_index, estimate_bytes, load_index, parse_memory
+from parquet_shards import write_shards
 
 faiss.omp_set_num_threads(2)
 # PQ's quantisation caps its recall below 0.95 here, as expected; test_tune_warns_... checks the warning itself
@@ -482,21 +483,10 @@ def test_get_paths_by_id():
 # ---------------------------------------------------------------------------------------------------- from shards
 
 
-def write_shards(folder, x: np.ndarray, sizes: list[int], manifest: dict | None = None) -> list[str]:
-    """x's rows as Parquet shards in `distributed.embed`'s layout (part-NNNNN.parquet: path, embedding); the paths."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    folder.mkdir()
-    paths, start = [f"photos/{i:06d}.jpg" for i in range(len(x))], 0
-    for number, size in enumerate(sizes):
-        rows = slice(start, start + size)
-        table = pa.table({"path": paths[rows], "embedding": pa.array(list(x[rows]), pa.list_(pa.float32()))})
-        pq.write_table(table, folder / f"part-{number:05d}.parquet", row_group_size=1000)
-        start += size
-    assert start == len(x)
-    if manifest is not None:
-        (folder / "manifest.json").write_text(json.dumps(manifest))
+def write_x_shards(folder, x: np.ndarray, sizes: list[int], manifest: dict | None = None) -> list[str]:
+    """x's rows as Parquet shards in `distributed.embed`'s layout, with made-up photo paths; the paths."""
+    paths = [f"photos/{i:06d}.jpg" for i in range(len(x))]
+    write_shards(folder, paths, x, sizes, manifest, row_group_size=1000)
     return paths
 
 
@@ -506,7 +496,7 @@ def test_build_from_shards_equals_build_from_memory(data, kind, tmp_path):
     # training sample, the same held-out tuning queries, the same knob, the same answers
     x, q = data
     sizes = [7000, 0, 9000, 4000]
-    paths = write_shards(tmp_path / "shards", x, sizes, {"model": "ViT-L/14", "dim": DIM, "count": len(x)})
+    paths = write_x_shards(tmp_path / "shards", x, sizes, {"model": "ViT-L/14", "dim": DIM, "count": len(x)})
     from_shards = build_index(tmp_path / "shards", kind=kind, target_recall=TARGET, **PARAMS.get(kind, {}))
     in_memory = build_index(x, kind=kind, paths=paths, target_recall=TARGET, **PARAMS.get(kind, {}))
     assert (from_shards.model, from_shards.paths, from_shards.params) == ("ViT-L/14", paths, in_memory.params)
@@ -520,7 +510,7 @@ def test_build_from_shards_equals_build_from_memory(data, kind, tmp_path):
 def test_build_from_shards_with_a_budget_and_no_manifest(data, tmp_path):
     x, q = data
     x = x * 3  # not normalised: cosine normalises each batch as it arrives
-    write_shards(tmp_path / "shards", x, [12_000, 8000])  # no manifest: a job still running, or shards from elsewhere
+    write_x_shards(tmp_path / "shards", x, [12_000, 8000])  # no manifest: a job still running, or shards from elsewhere
     index = build_index(str(tmp_path / "shards"), kind="auto", memory_budget=x.nbytes // 8, model="mine")
     assert index.kind == "ivf_pq" and index.model == "mine" and index.nbytes <= x.nbytes // 8
     assert index.paths[12_345] == "photos/012345.jpg"
@@ -540,10 +530,10 @@ def test_bad_shards_are_clear_errors(data, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ShardError, match="no Parquet shards"):
         build_index(tmp_path / "empty")
-    write_shards(tmp_path / "counted", x[:100], [100], {"count": 150, "dim": DIM})
+    write_x_shards(tmp_path / "counted", x[:100], [100], {"count": 150, "dim": DIM})
     with pytest.raises(ShardError, match="says 150 rows but the shards hold 100"):
         build_index(tmp_path / "counted")
-    write_shards(tmp_path / "mixed", x[:100], [100])
+    write_x_shards(tmp_path / "mixed", x[:100], [100])
     pq.write_table(pa.table({"path": ["a.jpg"], "embedding": pa.array([[0.5] * 32], pa.list_(pa.float32()))}), tmp_path / "mixed" / "part-00001.parquet")
     with pytest.raises(ShardError, match="32 to 32 values, not 64"):
         build_index(tmp_path / "mixed", kind="flat")
@@ -551,7 +541,7 @@ def test_bad_shards_are_clear_errors(data, tmp_path):
     pq.write_table(pa.table({"file": ["a.jpg"]}), tmp_path / "other" / "part-00000.parquet")
     with pytest.raises(ShardError, match=r"lacks the column\(s\) \['embedding', 'path'\]"):
         build_index(tmp_path / "other")
-    write_shards(tmp_path / "nan", np.full((20, DIM), np.nan, dtype=np.float32), [20])
+    write_x_shards(tmp_path / "nan", np.full((20, DIM), np.nan, dtype=np.float32), [20])
     with pytest.raises(ValueError, match="NaN"):
         build_index(tmp_path / "nan", kind="flat")
 

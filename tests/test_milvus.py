@@ -13,8 +13,6 @@ import textwrap
 import time
 import uuid
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
@@ -22,6 +20,7 @@ import torch.nn.functional as F
 from openclip_lite.errors import MissingDependencyError, OpenCLIPLiteError
 from openclip_lite.milvus import MilvusIndex, MilvusIndexError, MilvusLockedError, load_shards_into_milvus
 from openclip_lite.shards import ShardError
+from parquet_shards import write_shards
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIM = 32
@@ -271,31 +270,17 @@ def test_second_process_on_a_held_lite_directory_gets_the_lock_error(tmp_path):
             second.wait()
 
 
-def write_shards(shards_dir, sizes, seed, manifest=None):
-    """Parquet shards as `openclip-lite embed` writes them; returns all rows' features and paths in order."""
-    shards_dir.mkdir()
+def write_milvus_shards(shards_dir, sizes, seed, manifest=None):
+    """Random unit-length features as embedding shards; all rows' features (before normalising) and paths."""
     data = features(sum(sizes), seed=seed)
     paths = [f"photos/{i}.jpg" for i in range(len(data))]
-    start = 0
-    for number, size in enumerate(sizes):
-        table = pa.table(
-            {
-                "path": pa.array(paths[start : start + size], pa.string()),
-                "embedding": pa.array(
-                    list(F.normalize(data[start : start + size], dim=1).numpy()), pa.list_(pa.float32())
-                ),
-            }
-        )
-        pq.write_table(table, shards_dir / f"part-{number:05d}.parquet", row_group_size=100)
-        start += size
-    if manifest is not None:
-        (shards_dir / "manifest.json").write_text(json.dumps(manifest))
+    write_shards(shards_dir, paths, F.normalize(data, dim=1), sizes, manifest, row_group_size=100)
     return data, paths
 
 
 def test_load_shards_into_milvus(uri, collection, tmp_path):
     sizes = [250, 0, 400, 130]  # shard order is file-name order; an empty shard is fine
-    data, paths = write_shards(
+    data, paths = write_milvus_shards(
         tmp_path / "shards", sizes, seed=14, manifest={"model": "ViT-B/16", "dim": DIM, "count": sum(sizes)}
     )
     queries = features(10, seed=15)
@@ -310,7 +295,7 @@ def test_load_shards_into_milvus(uri, collection, tmp_path):
 
 
 def test_load_shards_resumes_an_interrupted_load(tmp_path):
-    data, paths = write_shards(tmp_path / "shards", [300, 300], seed=16)  # no manifest: dim from the rows
+    data, paths = write_milvus_shards(tmp_path / "shards", [300, 300], seed=16)  # no manifest: dim from the rows
     uri = tmp_path / "resume.db"
     with MilvusIndex(uri, "photos", dim=DIM, index_type="IVF_FLAT", params={"nlist": 8}) as index:
         index.add(data[:370], paths=paths[:370])  # as if the first load stopped after 370 rows

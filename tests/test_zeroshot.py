@@ -7,7 +7,6 @@ import sys
 
 import pytest
 import torch
-from PIL import Image
 
 import openclip_lite as clip
 from reference import openai_clip, reference_model, relative_error
