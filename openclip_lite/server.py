@@ -128,14 +128,15 @@ def create_app(
     """
     name = model_name or getattr(index, "model", "") or ""
     paths_of, last_id = _path_lookup(index)
-    count = len(index)
+    # len(index) at each request, not once: an app may go on adding photos to the FAISS index or the Milvus
+    # collection it serves (a Milvus count is one query, a FAISS one an attribute)
     lock = threading.Lock()  # one inference at a time on the shared model
     page_files = {route: ((STATIC / file).read_bytes(), media_type) for route, (file, media_type) in PAGE_FILES.items()}
 
     app = FastAPI(
         title="openclip-lite search",
         version=_version(),
-        description=f"Search {count} images by text or by image with CLIP ({name or 'model unnamed'}).",
+        description=f"Search images by text or by image with CLIP ({name or 'model unnamed'}).",
     )
     app.add_middleware(_BodyLimit, max_bytes=max_upload_bytes + MULTIPART_OVERHEAD)
     app.add_exception_handler(HTTPException, _http_error)
@@ -157,7 +158,7 @@ def create_app(
     def info() -> Info:
         return Info(
             model=name,
-            count=count,
+            count=len(index),
             default_k=DEFAULT_K,
             max_k=max_k,
             per_page=PER_PAGE,
@@ -168,6 +169,7 @@ def create_app(
 
     def answer(request: Request, query: dict[str, str], features, k: int, page: int, per_page: int) -> SearchAnswer:
         """The top-k rows for features (1, dim), cut to one page."""
+        count = len(index)
         if count:
             scores, ids = index.search(features.float().cpu(), min(k, count))  # a FAISS Index refuses k > n
             rows = [(int(i), float(s)) for s, i in zip(scores.tolist()[0], ids.tolist()[0]) if i >= 0]  # FAISS pads with -1
@@ -238,7 +240,7 @@ def create_app(
     def thumb(id: Annotated[int, PathParam(ge=0, description="the image's id, as a search answer gives it")]) -> Response:
         path = paths_of([id])[0]  # the path comes from the index, never from the request
         if path is None:
-            raise HTTPException(404, _unknown_id(id, count, last_id))
+            raise HTTPException(404, _unknown_id(id, len(index), last_id))
         try:
             data = thumbnail(path)
         except (FileNotFoundError, ImageError) as e:

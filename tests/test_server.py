@@ -614,6 +614,33 @@ def test_a_faiss_index_with_its_own_ids_serves_each_id_its_own_image(demo):
         assert_json_error(http(port, "GET", "/api/thumb/0"), 404, "no image has id 0")
 
 
+@pytest.mark.parametrize("kind", ["faiss", "milvus"])
+def test_images_added_while_serving_are_counted_and_found(demo, kind, tmp_path):
+    """An app that keeps adding photos to the index it serves: the page's count and the searches follow."""
+    from openclip_lite.index import build_index
+
+    model, preprocess = demo
+    images = sorted(os.path.join(ASSETS, f) for f in os.listdir(ASSETS) if f.endswith(".jpg"))
+    features = clip.encode_images(model, preprocess, images, num_workers=0).features
+    ids = [10**12 + 7919 * n for n in range(len(images))]
+    first, later = slice(0, 2), slice(2, None)
+    if kind == "faiss":
+        index = build_index(features[first], ids=ids[first], paths=images[first], kind="flat", model=DEMO)
+    else:
+        index = MilvusIndex(str(tmp_path / "milvus.db"), "shapes", dim=features.shape[1], model=DEMO)
+        index.add(features[first], ids=ids[first], paths=images[first])
+    with index if kind == "milvus" else contextlib.nullcontext(), running(create_app(index, model, preprocess)) as port:
+        assert http(port, "GET", "/api/info").json()["count"] == 2
+        index.add(features[later], ids=ids[later], paths=images[later])
+        assert http(port, "GET", "/api/info").json()["count"] == len(images)
+        for n, path in enumerate(images):
+            with open(path, "rb") as f:
+                top = upload(port, f.read(), filename=os.path.basename(path), k=10).json()
+            assert top["total"] == len(images)
+            assert (top["results"][0]["id"], top["results"][0]["name"]) == (ids[n], os.path.basename(path))
+        assert http(port, "GET", f"/api/thumb/{ids[-1]}").status == 200
+
+
 # ---------------------------------------------------------------------------------------------------- the command
 
 
