@@ -3,7 +3,7 @@ from pathlib import Path
 from setuptools import setup
 
 about: dict = {}
-exec((Path(__file__).parent / "openclip_lite" / "version.py").read_text(), about)
+exec((Path(__file__).parent / "openclip_lite" / "version.py").read_text(), about)  # noqa: S102 (the version without importing torch)
 
 extras = {
     "index": ["faiss-cpu>=1.8"],

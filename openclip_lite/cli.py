@@ -264,6 +264,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 def cmd_export(args: argparse.Namespace) -> None:
     import openclip_lite as clip
+
     from .export import export_onnx
 
     model, _ = clip.load(args.model, device="cpu", download_root=args.root, image_size=args.image_size)

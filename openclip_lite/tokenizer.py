@@ -320,7 +320,7 @@ class SimpleTokenizer:
         word = [*token[:-1], token[-1] + "</w>"]
         get, no_rank = self.bpe_ranks.get, len(self.bpe_ranks)
         # pair_ranks[i] is the rank of (word[i], word[i + 1]); itertools.pairwise would need Python 3.10
-        pair_ranks = [get(pair, no_rank) for pair in zip(word, word[1:])]  # noqa: RUF007
+        pair_ranks = [get(pair, no_rank) for pair in zip(word, word[1:])]
         while pair_ranks:
             best = min(pair_ranks)
             if best == no_rank:

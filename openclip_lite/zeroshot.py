@@ -1,6 +1,7 @@
 """Zero-shot classification: CLIP's prompt recipe, one call."""
 
-from typing import Callable, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Callable, Optional, Union
 
 import torch
 from PIL import Image

@@ -1,8 +1,9 @@
 """Embedding shards written the way `openclip-lite embed` writes them, for tests of the code that reads them."""
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 

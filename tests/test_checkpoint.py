@@ -23,13 +23,13 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from reference import ReferenceCLIP, reference_model
 from torch import nn
 
 import openclip_lite as clip
 from openclip_lite.checkpoint import load_state_dict, save_safetensors
 from openclip_lite.errors import CheckpointError, OpenCLIPLiteError, UnsafeCheckpointError
 from openclip_lite.model import NON_WEIGHT_KEYS, build_model
-from reference import ReferenceCLIP, reference_model
 
 CONTAINERS = ["state_dict", "legacy", "torchscript", "safetensors"]
 ZIP_CONTAINERS = ["state_dict", "torchscript"]  # the ones with a CRC32 per entry

@@ -14,12 +14,12 @@ import onnxruntime as ort
 import pytest
 import torch
 from PIL import Image
+from reference import reference_model, relative_error
 
 import openclip_lite as clip
 from openclip_lite.cli import main
 from openclip_lite.export import export_onnx
 from openclip_lite.transform import MEAN, STD, preprocess
-from reference import reference_model, relative_error
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "examples", "assets", "demo-model.safetensors")

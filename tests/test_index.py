@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from typing import Optional
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read when faiss's OpenMP loads: spinning threads on a shared box
 
@@ -16,10 +17,10 @@ import faiss
 import numpy as np
 import pytest
 import torch
+from parquet_shards import write_shards
 
 from openclip_lite.errors import IndexFileError, MissingDependencyError, OpenCLIPLiteError
 from openclip_lite.index import KINDS, build_index, estimate_bytes, load_index, parse_memory
-from parquet_shards import write_shards
 
 faiss.omp_set_num_threads(2)
 # PQ's quantisation caps its recall below 0.95 here, as expected; test_tune_warns_... checks the warning itself
@@ -280,7 +281,7 @@ def test_ivf_pq_with_m_not_dividing_dim(data, tmp_path):
     x, q = data
     index = build_index(x, kind="ivf_pq", m=30, paths=[f"{i}.jpg" for i in range(len(x))], target_recall=TARGET)
     exact = brute_force(q, x, 10)[1]
-    scores, ids = index.search(q, 10)
+    _, ids = index.search(q, 10)
     assert recall(ids, exact) >= MIN_RECALL["ivf_pq"], index.params
     estimate = estimate_bytes("ivf_pq", len(x), DIM, "cosine", **index.params)
     assert abs(estimate - index.nbytes) / index.nbytes < 0.05, (estimate, index.nbytes)
@@ -483,7 +484,7 @@ def test_get_paths_by_id():
 # ---------------------------------------------------------------------------------------------------- from shards
 
 
-def write_x_shards(folder, x: np.ndarray, sizes: list[int], manifest: dict | None = None) -> list[str]:
+def write_x_shards(folder, x: np.ndarray, sizes: list[int], manifest: Optional[dict] = None) -> list[str]:
     """x's rows as Parquet shards in `distributed.embed`'s layout, with made-up photo paths; the paths."""
     paths = [f"photos/{i:06d}.jpg" for i in range(len(x))]
     write_shards(folder, paths, x, sizes, manifest, row_group_size=1000)

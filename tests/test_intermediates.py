@@ -13,12 +13,12 @@ import torch
 import torch.nn.functional as F
 from open_clip.model import resize_pos_embed
 from PIL import Image
+from reference import TINY, ReferenceCLIP, openai_clip, relative_error
 
 import openclip_lite as clip
 import openclip_lite.model as model_module
 from openclip_lite.model import build_model, resize_image_embeddings
 from openclip_lite.pretrained import ARCHITECTURES
-from reference import TINY, ReferenceCLIP, openai_clip, relative_error
 
 ARCHS = list(ARCHITECTURES)
 TEXTS = ["a photo of a dog.", "a much longer caption about a small cat sitting on a red mat in the sun"]

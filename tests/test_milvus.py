@@ -16,11 +16,11 @@ import uuid
 import pytest
 import torch
 import torch.nn.functional as F
+from parquet_shards import write_shards
 
 from openclip_lite.errors import MissingDependencyError, OpenCLIPLiteError
 from openclip_lite.milvus import MilvusIndex, MilvusIndexError, MilvusLockedError, load_shards_into_milvus
 from openclip_lite.shards import ShardError
-from parquet_shards import write_shards
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIM = 32

@@ -3,12 +3,12 @@
 import pytest
 import torch
 from PIL import Image
+from reference import openai_clip, reference_model, relative_error
 
 import openclip_lite as clip
 from openclip_lite.checkpoint import save_safetensors
 from openclip_lite.model import build_model
 from openclip_lite.pretrained import ARCHITECTURES
-from reference import openai_clip, reference_model, relative_error
 
 ARCHS = list(ARCHITECTURES)
 FORMATS = ["state_dict", "torchscript", "safetensors"]
@@ -42,7 +42,7 @@ def arch_case(request):
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_load_matches_reference(arch_case, fmt, tmp_path):
-    arch, ref, image, text, (image_features, text_features, logits) = arch_case
+    _, ref, image, text, (image_features, text_features, logits) = arch_case
     path = tmp_path / f"model.{fmt}"
     save(ref, fmt, path, image, text)
     model, preprocess = clip.load(str(path), device="cpu")

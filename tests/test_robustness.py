@@ -20,12 +20,12 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from reference import openai_clip, reference_model
 
 import openclip_lite as clip
 from openclip_lite.errors import DeviceError, ImageError, OpenCLIPLiteError
 from openclip_lite.tokenizer import SimpleTokenizer, TextTooLongError, TextTypeError
 from openclip_lite.transform import open_image, preprocess
-from reference import openai_clip, reference_model
 
 SOT, EOT = 49406, 49407
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)

@@ -7,9 +7,9 @@ import copy
 
 import pytest
 import torch
+from reference import openai_clip, reference_model, relative_error
 
 from openclip_lite.model import MLP, QuickGELU, ResidualAttentionBlock, build_model, convert_weights
-from reference import openai_clip, reference_model, relative_error
 
 TEXTS = ["a diagram", "a photo of a dog.", "a much longer caption about a small cat sitting on a red mat in the sun", ""]
 

@@ -7,14 +7,14 @@ import sys
 
 import pytest
 import torch
+from reference import openai_clip, reference_model, relative_error
 
 import openclip_lite as clip
-from reference import openai_clip, reference_model, relative_error
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "examples", "assets", "demo-model.safetensors")
 sys.path.insert(0, os.path.join(ROOT, "tools"))
-from shapes import LABELS, draw  # noqa: E402
+from shapes import LABELS, draw
 
 CLASSES = ["dog", "cat", "a diagram", "red circle"]
 TEMPLATES = ["a photo of a {}.", "a drawing of a {}.", "a blurry photo of the {}."]
@@ -129,11 +129,12 @@ def test_demo_model_sample_images():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1600)  # past pytest.ini's 600 s: the training subprocess has its own 1500 s limit
 def test_training_script_reproduces_the_demo_model(tmp_path):
     out = tmp_path / "demo.safetensors"
     result = subprocess.run(
         [sys.executable, os.path.join(ROOT, "tools", "train_demo_model.py"), "--steps", "1000", "--out", str(out), "--samples", ""],
-        capture_output=True, text=True, cwd=ROOT, timeout=1500,
+        capture_output=True, text=True, cwd=ROOT, timeout=1500, check=False,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     accuracy = float(result.stdout.split("held-out zero-shot top-1 accuracy:")[1].split()[0])

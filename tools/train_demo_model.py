@@ -18,13 +18,13 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from shapes import CAPTION_TEMPLATES, LABELS, draw  # noqa: E402
+from shapes import CAPTION_TEMPLATES, LABELS, draw
 
-import openclip_lite as clip  # noqa: E402
-from openclip_lite.checkpoint import save_safetensors  # noqa: E402
-from openclip_lite.loss import contrastive_loss  # noqa: E402
-from openclip_lite.model import CLIP  # noqa: E402
-from openclip_lite.transform import preprocess  # noqa: E402
+import openclip_lite as clip
+from openclip_lite.checkpoint import save_safetensors
+from openclip_lite.loss import contrastive_loss
+from openclip_lite.model import CLIP
+from openclip_lite.transform import preprocess
 
 # small widths; one head per 64 channels, as `build_model` infers; 77 tokens so the default `tokenize` fits
 TEXT = dict(context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=1, transformer_layers=2)
