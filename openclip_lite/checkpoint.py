@@ -59,6 +59,7 @@ _EXPANSION_SLACK = 1 << 20
 # above that stop a crafted data.pkl (a cycle, or one object referenced 2**n ways) from hanging the reader.
 _MAX_MODULE_DEPTH = 64
 _MAX_MODULE_VISITS = 100_000
+_READ_CHUNK = 1 << 20  # bytes read from a zip entry at a time
 
 
 def load_state_dict(path: "str | os.PathLike") -> dict[str, Tensor]:
@@ -236,18 +237,28 @@ class _TorchScriptUnpickler(pickle._Unpickler):
         itemsize = dtype.itemsize
         if info.file_size != numel * itemsize:  # checked before reading, so a lying size allocates nothing
             raise CheckpointError(f"{self.path}: storage {key} holds {info.file_size} bytes, the archive says {numel} values of {itemsize} bytes")
-        data = bytearray(self.archive.read(info))  # checks the entry's CRC32
-        return torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
+        # streamed into torch's own (aligned) memory: archive.read would hold the bytes and then a copy of them
+        data = torch.empty(info.file_size, dtype=torch.uint8)
+        view, filled = memoryview(data.numpy()), 0
+        with self.archive.open(info) as entry:  # checks the entry's CRC32 when it reaches the end
+            while filled < len(view) and (chunk := entry.read(min(_READ_CHUNK, len(view) - filled))):
+                view[filled : filled + len(chunk)] = chunk
+                filled += len(chunk)
+            if filled < len(view) or entry.read(1):
+                raise CheckpointError(f"{self.path}: storage {key} is not {info.file_size} bytes long, as the archive says")
+        return data.view(dtype)
 
     def rebuild_tensor(self, storage: Tensor, offset: int, size: tuple, stride: tuple, *args: Any) -> Tensor:
-        """`torch._utils._rebuild_tensor_v2` for our storages: a copy of the view, after checking its extent."""
+        """`torch._utils._rebuild_tensor_v2` for our storages, after checking the view's extent."""
         if not isinstance(storage, Tensor):
             raise CheckpointError(f"{self.path}: a tensor in the archive is built from a {type(storage).__name__}, not a storage")
         view = torch.as_strided(storage, size, stride, offset)  # raises if the view reaches past the storage
         # a zero stride would let a 4-byte storage claim terabytes, which clone() would then allocate
         if view.numel() > storage.numel():
             raise CheckpointError(f"{self.path}: a tensor of shape {tuple(size)} claims more values than its storage of {storage.numel()} holds")
-        return view.clone()
+        if offset == 0 and view.numel() == storage.numel() and view.is_contiguous():
+            return view  # the whole storage, as a state dict's tensors are: no second copy of the model
+        return view.clone()  # a part: copied, so that it does not keep the rest of the storage alive
 
 
 def _read_torchscript(path: str, z: zipfile.ZipFile) -> dict[str, Tensor]:

@@ -505,3 +505,31 @@ def test_fuzz_bit_flips(micro, tmp_path_factory, container, data):
     path.write_bytes(damaged)
     expected = {k: v for k, v in weights.items() if k not in NON_WEIGHT_KEYS} if container in ZIP_CONTAINERS else None
     expect_only_documented_errors(path, expected)
+
+
+def test_a_torchscript_archive_is_read_into_one_copy_of_the_weights(tmp_path):
+    """OpenAI's .pt files are TorchScript archives: reading one must not hold the bytes twice (entry + tensor) nor
+    copy each tensor out of its storage; the peak over the loading process's baseline is one model, not two."""
+    import subprocess
+    import sys
+
+    ref = reference_model("ViT-B/32")
+    image, text = torch.randn(1, 3, 224, 224), clip.tokenize(["a dog"])
+    path = tmp_path / "ViT-B-32.pt"
+    torch.jit.trace_module(ref, {"encode_image": image, "encode_text": text}, check_trace=False).save(str(path))
+    weights = sum(t.numel() * t.element_size() for t in ref.state_dict().values())
+    # VmHWM, not ru_maxrss: a child's ru_maxrss keeps the peak of the forked copy of this (large) test process
+    code = """
+import re, sys, torch
+from openclip_lite.checkpoint import load_state_dict
+def status(key):
+    return int(re.search(key + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
+before = status("VmRSS")
+state_dict = load_state_dict(sys.argv[1])
+print(status("VmHWM") - before, sum(t.numel() * t.element_size() for t in state_dict.values()), before)
+"""
+    result = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr
+    growth, loaded, before = map(int, result.stdout.split())
+    assert loaded == weights
+    assert growth < 1.3 * weights, f"reading {weights / 2**20:.0f} MiB of weights took {growth / 2**20:.0f} MiB at the peak (over {before / 2**20:.0f} MiB)"
