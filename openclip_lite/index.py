@@ -51,7 +51,7 @@ from .errors import IndexFileError, require
 
 __all__ = ["KINDS", "METRICS", "Index", "build_index", "estimate_bytes", "load_index", "parse_memory"]
 
-ArrayLike = Union[Tensor, np.ndarray, Sequence]
+ArrayLike = Union[Tensor, np.ndarray, Sequence]  # evaluated at run time: `|` needs Python 3.10
 
 KINDS = ("flat", "ivf_flat", "ivf_sq8", "ivf_pq", "hnsw")
 METRICS = ("cosine", "ip", "l2")

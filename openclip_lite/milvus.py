@@ -47,7 +47,7 @@ SEARCH_BATCH = 1024  # queries per search request, well under Milvus's nq limit 
 GET_BATCH = 10_000  # ids per get request
 INT64_MAX = 2**63 - 1  # the largest id an INT64 primary key holds
 
-ArrayLike = Union[Tensor, np.ndarray, Sequence]
+ArrayLike = Union[Tensor, np.ndarray, Sequence]  # evaluated at run time: `|` needs Python 3.10
 
 
 class MilvusIndexError(OpenCLIPLiteError, ValueError):
