@@ -426,6 +426,14 @@ def test_zero_length_dimension_is_a_checkpoint_error(vit_weights, key):
         build_model({**vit_weights, key: torch.zeros([0, *value.shape[1:]])})
 
 
+@pytest.mark.parametrize("prefix", ["transformer.resblocks.", "visual.transformer.resblocks."])
+def test_a_tower_without_blocks_is_a_checkpoint_error(vit_weights, prefix):
+    # each tower reads its output from its last block, so a tower with none is not a CLIP (and must not load as one)
+    state_dict = {k: v for k, v in vit_weights.items() if not k.startswith(prefix)}
+    with pytest.raises(CheckpointError, match="has no blocks"):
+        build_model(state_dict)
+
+
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool, torch.complex64])
 def test_wrong_dtype_entry_is_named(vit_weights, dtype):
     key = "transformer.resblocks.0.attn.in_proj_weight"
