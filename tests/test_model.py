@@ -93,6 +93,43 @@ def test_too_many_tokens_is_a_clear_error():
         model.encode_text(torch.zeros(1, 78, dtype=torch.long))
 
 
+@pytest.mark.parametrize(
+    "arch, size, fits",  # tiny-vit: 32 px, patch 16; tiny-rn: 64 px (OpenAI's code runs or fails as `fits` says)
+    [("tiny-vit", 47, True), ("tiny-vit", 48, False), ("tiny-rn", 65, True), ("tiny-rn", 94, True), ("tiny-rn", 95, False), ("tiny-rn", 63, False)],
+)
+def test_images_a_little_off_size_give_openais_features(arch, size, fits):
+    # OpenAI's convolutions drop pixels past the last whole patch (or stride): our patch matmul and stem must too
+    ref = reference_model(arch)
+    model = build_model(ref.state_dict())
+    image = torch.randn(2, 3, size, size - 1, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        if fits:
+            assert relative_error(model.encode_image(image), ref.encode_image(image)) < 1e-5
+        else:  # OpenAI's fails somewhere inside with a shape message; ours says what size to give
+            with pytest.raises(RuntimeError):
+                ref.encode_image(image)
+            with pytest.raises(ValueError, match=f"takes {ref.visual.input_resolution}x{ref.visual.input_resolution} images, got {size}x{size - 1}"):
+                model.encode_image(image)
+
+
+@pytest.mark.parametrize("arch", ["tiny-vit", "tiny-rn"])
+@pytest.mark.parametrize("shape", [(3, 32, 32), (2, 1, 32, 32), (2, 4, 32, 32), (2, 3, 32)])
+def test_what_is_not_a_batch_of_rgb_images_is_a_clear_error(arch, shape):
+    model = build_model(reference_model(arch).state_dict())
+    for call in (model.encode_image, lambda x: model.forward_intermediates(image=x)):
+        with pytest.raises(ValueError, match=r"expected images as \(batch_size, 3, height, width\), got shape"):
+            call(torch.zeros(shape))
+
+
+@pytest.mark.parametrize("arch, size", [("tiny-vit", 64), ("tiny-vit", 16), ("tiny-rn", 128), ("tiny-rn", 32)])
+def test_images_of_another_size_are_a_clear_error(arch, size):
+    model = build_model(reference_model(arch).state_dict())
+    res = model.visual.input_resolution
+    for call in (model.encode_image, lambda x: model.forward_intermediates(image=x)):
+        with pytest.raises(ValueError, match=f"takes {res}x{res} images, got {size}x{size}.*image_size="):
+            call(torch.zeros(1, 3, size, size))
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("arch", ["ViT-B/32", "RN50"])
 def test_cuda_fp16_matches_reference(arch, tmp_path):
