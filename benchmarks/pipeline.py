@@ -11,6 +11,9 @@ gives; fp32 elsewhere):
   files in the DataLoader's workers plus the copy to the device (the other ceiling);
 - pipeline: `encode_images` on the files, end to end: what a user gets.
 
+and first, the cost of one worker's share: what a DataLoader worker does for one file (read, decode, resize, crop,
+to uint8 pixels), timed in this process on one thread, and the most that all cores could feed at that cost.
+
 The pipeline / encoder ratio says how much of the accelerator the file pipeline keeps busy (goal: 80% for ViT-B/16
 on an H100 with 16 CPU cores). The JPEGs are written first (`--size` pixels, photo-like: smooth colour fields,
 edges and noise, quality 90), so they are read from the page cache, as in any second pass over a dataset; `--dir`
@@ -32,7 +35,7 @@ from PIL import Image, ImageDraw, ImageFilter
 import openclip_lite as clip
 from openclip_lite.model import CLIP, convert_weights
 from openclip_lite.pretrained import ARCHITECTURES
-from openclip_lite.search import list_images
+from openclip_lite.search import _ImageDataset, _split_normalisation, list_images
 from openclip_lite.transform import preprocess as make_preprocess
 
 
@@ -98,6 +101,18 @@ def best_of(repeats: int, run, device: torch.device) -> float:
     return best
 
 
+def worker_cost(paths: list[str], preprocess, count: int = 200) -> float:
+    """Seconds one DataLoader worker spends per file (`encode_images`' own worker code), best of 3, one thread."""
+    head, _ = _split_normalisation(preprocess)
+    dataset = _ImageDataset(paths[:count], head, uint8_output=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a worker process runs torch on one thread
+    try:
+        return best_of(3, lambda: [dataset[i] for i in range(len(dataset))], torch.device("cpu")) / len(dataset)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--arch", default="ViT-B/16", choices=list(ARCHITECTURES))
@@ -127,6 +142,13 @@ def main() -> None:
         print(
             f"{args.arch}, {model.dtype}, {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
             + f", batch {args.batch_size}, {len(paths)} images, {os.cpu_count()} CPUs, workers: {'auto' if workers is None else workers}"
+        )
+
+        per_file = worker_cost(paths, preprocess)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        print(
+            f"one worker: {per_file * 1e3:.2f} ms per file ({1 / per_file:.0f} images/s per core); "
+            f"{cores} cores could feed at most {cores / per_file:.0f} images/s"
         )
 
         # the encoder alone: one batch of real preprocessed images, on the device, run as often as there are images
