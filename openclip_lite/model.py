@@ -553,12 +553,12 @@ class CLIP(nn.Module):
             without it attention stays on `F.scaled_dot_product_attention`
 
         Returns a dict with, for the image (see `VisionTransformer` / `ModifiedResNet.forward_intermediates`):
-            image_features (batch_size, embed_dim), equal to `encode_image`; image_intermediates, a list;
+            image_features (batch_size, embed_dim), `encode_image`'s within rounding; image_intermediates, a list;
             image_tokens (batch_size, tokens, embed_dim); image_attentions, a list
         and for the text, which runs all context_length positions so shapes do not depend on the batch
         (positions after EOT are what OpenAI's model computes there; causal attention keeps them out of the
         features):
-            text_features (batch_size, embed_dim), equal to `encode_text`
+            text_features (batch_size, embed_dim), `encode_text`'s within rounding
             text_intermediates : the chosen blocks' outputs, each (batch_size, context_length, width)
             text_eot : `ln_final` of the last block's output at the EOT token, (batch_size, width); the features
                 are text_eot @ text_projection
