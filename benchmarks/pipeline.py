@@ -35,7 +35,7 @@ from PIL import Image, ImageDraw, ImageFilter
 import openclip_lite as clip
 from openclip_lite.model import CLIP, convert_weights
 from openclip_lite.pretrained import ARCHITECTURES
-from openclip_lite.search import _ImageDataset, _split_normalisation, list_images
+from openclip_lite.search import _ImageDataset, _split_normalisation, list_images, usable_cpus
 from openclip_lite.transform import preprocess as make_preprocess
 
 
@@ -139,13 +139,13 @@ def main() -> None:
         model = random_model(args.arch, device)
         preprocess = make_preprocess(model.visual.input_resolution)
         workers = args.num_workers
+        cores = usable_cpus()
         print(
             f"{args.arch}, {model.dtype}, {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
-            + f", batch {args.batch_size}, {len(paths)} images, {os.cpu_count()} CPUs, workers: {'auto' if workers is None else workers}"
+            + f", batch {args.batch_size}, {len(paths)} images, {cores} CPUs, workers: {'auto' if workers is None else workers}"
         )
 
         per_file = worker_cost(paths, preprocess)
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         print(
             f"one worker: {per_file * 1e3:.2f} ms per file ({1 / per_file:.0f} images/s per core); "
             f"{cores} cores could feed at most {cores / per_file:.0f} images/s"

@@ -35,7 +35,7 @@ from PIL import Image, ImageDraw, ImageFilter
 import openclip_lite as clip
 from openclip_lite.model import CLIP
 from openclip_lite.pretrained import ARCHITECTURES
-from openclip_lite.search import list_images
+from openclip_lite.search import list_images, usable_cpus
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the demo model's shape (tools/train_demo_model.py): a model so light that decoding and Ray's own work dominate
@@ -113,7 +113,7 @@ def main() -> None:
         checkpoint = os.path.join(temporary, "model.pt")
         torch.save(model.state_dict(), checkpoint)
         model, preprocess = clip.load(checkpoint, device=device)
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        cores = usable_cpus()
         print(
             f"{args.arch} ({model.visual.input_resolution}px, {model.dtype}, {device}), {len(paths)} JPEGs of {args.size} "
             f"({kilobytes:.0f} kB), batch {args.batch_size}; {cores} cores, {platform.processor() or platform.machine()}; "

@@ -206,11 +206,15 @@ def _split_normalisation(preprocess: Callable) -> tuple[Callable, Normalize | No
     return preprocess, None
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, where the OS has one), not the machine's count."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def _default_workers(num_images: int, batch_size: int) -> int:
     if num_images <= batch_size:
         return 0  # one batch: starting worker processes costs more than it saves
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return min(16, cores)
+    return min(16, usable_cpus())
 
 
 def _device(model: torch.nn.Module) -> torch.device:
