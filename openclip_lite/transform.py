@@ -60,6 +60,10 @@ def preprocess(n_px: int) -> Compose:
     [0, 1] and normalise with OpenAI's mean and std. Where OpenAI's code would crash or silently lose the picture
     we say so instead, without changing any pixel: ImageError for a zero-size image or a mode with no path to RGB,
     a warning for 16-bit or float pixels that the RGB conversion clips.
+
+    Equal to OpenAI's under the same Pillow: the pixels themselves are PIL's, and Pillow 13 changed the order of
+    its two resize passes for images about twice as tall as wide, so both packages' pixels for those differ
+    between Pillow 12 and 13.
     """
     return Compose(
         [

@@ -9,7 +9,8 @@ from reference import openai_clip
 from openclip_lite.transform import preprocess
 
 MODES = ["1", "L", "P", "RGB", "RGBA", "CMYK", "I;16", "LA", "I", "F", "YCbCr", "LAB", "HSV", "RGBX", "La", "PA"]
-SIZES = [(224, 224), (1, 1), (3, 2), (320, 240), (700, 5), (5, 700), (225, 224)]
+# (250, 734): a portrait that Pillow 13 resizes vertically first (python-pillow/Pillow#9549), Pillow 12 horizontally
+SIZES = [(224, 224), (1, 1), (3, 2), (320, 240), (700, 5), (5, 700), (225, 224), (250, 734)]
 
 
 def image(mode: str, size: tuple[int, int], seed: int = 0) -> Image.Image:
