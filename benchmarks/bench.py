@@ -23,8 +23,12 @@ prompts ("a photo of a dog.", 8 tokens padded to 77 by `tokenize`, as every user
 round calls one implementation `iters` times between two synchronisations; rounds go round-robin over the
 implementations (rotating who goes first), so a change in machine load hits all of them alike. Reported:
 items/s of the fastest round and of the median round, the ratio to the best peer (fastest rounds), achieved
-FLOP/s (each implementation's own executed FLOPs, counted by `torch.utils.flop_counter`) and MFU against a
-matmul peak measured here in the same dtype (the best of measurements at the start and after each case), and on CUDA the peak memory one call needs
+FLOP/s (each implementation's own executed FLOPs, counted by `torch.utils.flop_counter`) and MFU: the model's
+FLOPs per second against a matmul peak measured here in the same dtype (the best of measurements at the start and
+after each case). The model's FLOPs are those of the full forward pass, the most any implementation executes on
+the input (the peers all run it whole), so that MFU compares speed: openclip-lite skips work whose result is never
+read (the last block's other tokens; the padding after the longest end-of-text), which lowers its executed FLOPs,
+not the model's; on short prompts its MFU can pass 1 for that reason. On CUDA also the peak memory one call needs
 (`max_memory_allocated` above what was allocated before it, plus the implementation's own weights). On the CPU
 also the fewest process CPU-seconds a round took per call, and its ratio: on a machine shared with other
 processes, wall time counts their time slices too, CPU time mostly does not.
@@ -406,6 +410,7 @@ def print_results(model: str, case: str, batch: int, results: list[Result], peak
     peers = [r for r in results if r.impl != "openclip-lite"]
     best_peer = min(peers, key=lambda r: r.best_s) if peers else None
     best_peer_cpu = min(peers, key=lambda r: r.cpu_s) if peers else None
+    model_flops = max(r.flops for r in results)  # the full forward pass, which the peers run whole
     for r in results:
         ratio = f"{best_peer.best_s / r.best_s:.2f}x" if best_peer else "-"
         achieved = r.flops / r.best_s
@@ -413,7 +418,7 @@ def print_results(model: str, case: str, batch: int, results: list[Result], peak
         cpu = f" | {r.cpu_s:,.2f} | {best_peer_cpu.cpu_s / r.cpu_s:.2f}x" if device.type == "cpu" and best_peer_cpu else (" | - | -" if device.type == "cpu" else "")
         print(
             f"| {model} | {case} | {batch} | {r.impl} | {batch / r.best_s:,.1f} | {batch / r.median_s:,.1f} | {r.best_s * 1e3:,.1f} "
-            f"| {ratio} | {achieved / 1e12:.3f} | {achieved / peak_flops:.2f} | {memory}{cpu} |",
+            f"| {ratio} | {achieved / 1e12:.3f} | {model_flops / r.best_s / peak_flops:.2f} | {memory}{cpu} |",
             flush=True,
         )
 
@@ -523,7 +528,8 @@ def main() -> None:
             torch.cuda.empty_cache()
     if device.type == "cpu":
         print(f"# load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    print(f"# MFU: against the best matmul peak measured up to the end of each case (in the end {peak / 1e12:.3f} TFLOP/s)")
+    print(f"# TFLOP/s: each implementation's executed FLOPs; MFU: the full model's FLOPs (the most any implementation executes), "
+          f"against the best matmul peak measured up to the end of each case (in the end {peak / 1e12:.3f} TFLOP/s)")
 
 
 if __name__ == "__main__":
