@@ -7,6 +7,13 @@ attention is one `F.scaled_dot_product_attention` call on batch-first tensors wi
 weights, the text tower is causal via `is_causal`, and it stops at the last end-of-text token in the batch. Both
 towers read one token of the last block (the class token, the end-of-text token), so the last block computes the
 query, attention output and MLP of that token only.
+
+Called one by one, the modules keep OpenAI's contracts (a block or a transformer takes and returns
+(n_ctx, batch_size, width), the attention pool returns a tensor), so code written against OpenAI's modules
+(prompt learners that call `model.transformer`, loops over `resblocks`) works unchanged. The shortcuts above leave
+out work whose result no one reads, and are taken only while nothing else can read it: a tower with a forward or
+backward hook anywhere in it runs OpenAI's order of operations on every position instead (see `unobserved`), and an
+MLP whose `c_fc`/`c_proj` are no longer plain `nn.Linear` (LoRA, quantisation) calls them. Same numbers either way.
 """
 
 import math
@@ -34,6 +41,19 @@ class QuickGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)
 
 
+def unobserved(*modules: nn.Module) -> bool:
+    """Whether no hook watches these modules or any module inside them (nor a global module hook).
+
+    Only then may a tower compute around its modules' own forward, leaving out positions no one reads or folding a
+    weight into another product: a hook must see what OpenAI's module would give it. Checked at every call (a few
+    microseconds), so a hook added or removed at any time takes effect at the next call.
+    """
+    hooks = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+    if any(getattr(nn.modules.module, "_global" + name, None) for name in hooks):
+        return False
+    return not any(getattr(m, name, None) for module in modules for m in module.modules() for name in hooks)
+
+
 class MultiheadAttention(nn.Module):
     """Self-attention with the parameter names of `nn.MultiheadAttention` (packed `in_proj_weight`), batch first.
 
@@ -55,7 +75,7 @@ class MultiheadAttention(nn.Module):
         returns the output, same shape, and with `need_weights` the attention maps (batch_size, heads, n_ctx, n_ctx)
         """
         n, t, c = x.shape
-        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(n, t, 3, self.heads, -1).unbind(2)
+        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(n, t, 3, self.heads, c // self.heads).unbind(2)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (n, heads, t, head_dim)
         if need_weights:
             out, weights = attention_with_weights(q, k, v, causal)
@@ -75,7 +95,7 @@ class MultiheadAttention(nn.Module):
         w_q, w_k, w_v = self.in_proj_weight.split(c)
         b_q, _, b_v = self.in_proj_bias.split(c)
         q = F.linear(x[torch.arange(n, device=x.device), rows], w_q, b_q) * (c // self.heads) ** -0.5  # (n, width)
-        q = q.view(n, self.heads, -1).transpose(0, 1)  # (heads, n, head_dim): one batched matmul per head, no broadcast copies
+        q = q.view(n, self.heads, c // self.heads).transpose(0, 1)  # (heads, n, head_dim): one batched matmul per head, no broadcast copies
         w_k, w_v = w_k.view(self.heads, -1, c), w_v.view(self.heads, -1, c)  # (heads, head_dim, width)
         scores = torch.bmm(q, w_k).transpose(0, 1) @ x.transpose(1, 2)  # (n, heads, width) @ (n, width, t) -> (n, heads, t)
         if causal:
@@ -100,25 +120,36 @@ def attention_with_weights(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> tup
 
 
 class ResidualAttentionBlock(nn.Module):
-    def __init__(self, width: int, heads: int):
+    def __init__(self, width: int, heads: int, causal: bool = False):
         super().__init__()
+        self.causal = causal  # OpenAI's block holds a causal `attn_mask` for the text tower; SDPA needs only the flag
         self.attn = MultiheadAttention(width, heads)
         self.ln_1 = LayerNorm(width)
         self.mlp = MLP(width, width * 4)
         self.ln_2 = LayerNorm(width)
 
-    def forward(self, x: Tensor, causal: bool = False, need_weights: bool = False) -> tuple[Tensor, Optional[Tensor]]:
-        attn, weights = self.attn(self.ln_1(x), causal, need_weights)
-        x = attn.add_(x)  # each residual is summed into its branch's fresh output: one tensor fewer, the input untouched
+    def forward(self, x: Tensor, batch_first: bool = False) -> Tensor:
+        """x : shape = (n_ctx, batch_size, width) as OpenAI's block, or (batch_size, n_ctx, width) -> the same shape"""
+        return self.attend(x, batch_first)[0]
+
+    def attend(self, x: Tensor, batch_first: bool = False, need_weights: bool = False) -> tuple[Tensor, Optional[Tensor]]:
+        """`forward`, and with `need_weights` the attention maps (batch_size, heads, n_ctx, n_ctx)
+
+        Only the attention needs batch first (SDPA's layout); every other module gets the layout it gets in
+        OpenAI's block, so a hook on `ln_1` or `mlp` sees the same tensor.
+        """
+        h = self.ln_1(x)
+        attn, weights = self.attn(h if batch_first else h.transpose(0, 1), self.causal, need_weights)
+        x = (attn if batch_first else attn.transpose(0, 1)).add_(x)  # each residual is summed into its branch's fresh output: the input untouched
         x = self.mlp(self.ln_2(x)).add_(x)
         return x, weights
 
-    def forward_rows(self, x: Tensor, rows: Tensor, causal: bool = False) -> Tensor:
+    def forward_rows(self, x: Tensor, rows: Tensor) -> Tensor:
         """x : shape = (batch_size, n_ctx, width) -> the output at one position per batch item, (batch_size, width)
 
         rows : (batch_size,) positions. Every position is a key and a value, but only these query and pass the MLP.
         """
-        attn = self.attn.forward_rows(self.ln_1(x), rows, causal)
+        attn = self.attn.forward_rows(self.ln_1(x), rows, self.causal)
         x = attn.add_(x[torch.arange(x.shape[0], device=x.device), rows])
         return self.mlp(self.ln_2(x)).add_(x)
 
@@ -128,7 +159,8 @@ class MLP(nn.Module):
 
     x·σ(1.702x) = silu(1.702x) / 1.702, so c_fc's matmul emits 1.702·h directly (addmm's alpha and beta), one
     in-place SiLU replaces QuickGELU's three elementwise passes and three temporaries over the widest activation,
-    and c_proj's matmul divides by 1.702 (alpha). Equal to `QuickGELU` in between within rounding.
+    and c_proj's matmul divides by 1.702 (alpha). Equal to `QuickGELU` in between within rounding. When c_fc or
+    c_proj has been replaced (LoRA, quantisation) or is watched by a hook, they are called as modules instead.
     """
 
     def __init__(self, width: int, hidden: int):
@@ -138,36 +170,42 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x : shape = (..., width) -> (..., width)"""
+        if type(self.c_fc) is not nn.Linear or type(self.c_proj) is not nn.Linear or not unobserved(self):
+            return self.c_proj(QuickGELU()(self.c_fc(x)))
         h = torch.addmm(self.c_fc.bias, x.reshape(-1, x.shape[-1]), self.c_fc.weight.t(), beta=1.702, alpha=1.702)
         h = F.silu(h, inplace=True)
-        return torch.addmm(self.c_proj.bias, h, self.c_proj.weight.t(), alpha=1 / 1.702).view(*x.shape[:-1], -1)
+        return torch.addmm(self.c_proj.bias, h, self.c_proj.weight.t(), alpha=1 / 1.702).view(*x.shape[:-1], self.c_proj.out_features)
 
 
 class Transformer(nn.Module):
-    """A stack of residual attention blocks on batch-first tensors (OpenAI's is sequence-first)."""
+    """A stack of residual attention blocks. Called, it is OpenAI's (sequence first); the towers use `forward_rows`."""
 
     def __init__(self, width: int, layers: int, heads: int, causal: bool = False):
         super().__init__()
         self.width, self.layers, self.causal = width, layers, causal
-        self.resblocks = nn.Sequential(*[ResidualAttentionBlock(width, heads) for _ in range(layers)])
+        self.resblocks = nn.Sequential(*[ResidualAttentionBlock(width, heads, causal) for _ in range(layers)])
 
-    def forward(self, x: Tensor, rows: Optional[Tensor] = None) -> Tensor:
-        """x : shape = (batch_size, n_ctx, width) -> the same shape
+    def forward(self, x: Tensor) -> Tensor:
+        """x : shape = (n_ctx, batch_size, width) -> the same shape, as OpenAI's `model.transformer(x)`"""
+        return self.resblocks(x)
 
-        rows : one position per batch item (batch_size,): return only those positions' outputs, (batch_size,
-            width). Nothing in the last block reaches another position, so it computes them alone: in ViT-B/32
-            that is 1/50 of the last block's matmuls, 8% of the tower's.
+    def forward_rows(self, x: Tensor, rows: Tensor) -> Tensor:
+        """x : shape = (batch_size, n_ctx, width) -> the outputs at one position per batch item, (batch_size, width)
+
+        Nothing in the last block reaches another position, so it computes those positions alone: in ViT-B/32 that
+        is 1/50 of the last block's matmuls, 8% of the tower's. Only for an unobserved stack (see `unobserved`).
         """
         *blocks, last = self.resblocks
         for block in blocks:
-            x, _ = block(x, self.causal)
-        return last(x, self.causal)[0] if rows is None else last.forward_rows(x, rows, self.causal)
+            x, _ = block.attend(x, batch_first=True)
+        return last.forward_rows(x, rows)
 
     def forward_intermediates(self, x: Tensor, need_weights: bool = False) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-        """The output plus every block's output and (with `need_weights`) every block's attention maps."""
+        """x : shape = (batch_size, n_ctx, width) -> the output, every block's output and (with `need_weights`)
+        every block's attention maps."""
         hidden, maps = [], []
         for block in self.resblocks:
-            x, weights = block(x, self.causal, need_weights)
+            x, weights = block.attend(x, True, need_weights)
             hidden.append(x)
             if need_weights:
                 maps.append(weights)
@@ -207,8 +245,18 @@ class VisionTransformer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x : shape = (batch_size, 3, res, res) -> (batch_size, output_dim)"""
-        cls = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)  # the class token is the one read out
-        return self.ln_post(self.transformer(self.embed(x), rows=cls)) @ self.proj
+        if unobserved(self) and type(self.conv1) is nn.Conv2d:
+            cls = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)  # the class token is the one read out
+            return self.ln_post(self.transformer.forward_rows(self.embed(x), cls)) @ self.proj
+        # watched: OpenAI's steps, each module called on everything it gets in OpenAI's model
+        n, _, h, w = x.shape
+        x = self.conv1(x)  # (n, width, grid, grid)
+        if x.shape[2] * x.shape[3] + 1 != self.positional_embedding.shape[0]:
+            raise image_size_error(h, w, self.input_resolution)
+        x = x.flatten(2).transpose(1, 2)
+        x = torch.cat([self.class_embedding.to(x.dtype).expand(n, 1, -1), x], dim=1) + self.positional_embedding.to(x.dtype)
+        x = self.transformer(self.ln_pre(x).transpose(0, 1)).transpose(0, 1)
+        return self.ln_post(x[:, 0, :]) @ self.proj
 
     def forward_intermediates(self, x: Tensor, indices: "int | list[int] | None" = None, need_weights: bool = False) -> dict:
         """x : shape = (batch_size, 3, res, res) -> a dict of
@@ -317,16 +365,20 @@ class AttentionPool2d(nn.Module):
         x = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1)
         return x + self.positional_embedding.to(x.dtype)
 
-    def forward(self, x: Tensor, need_weights: bool = False) -> tuple[Tensor, Optional[Tensor]]:
+    def forward(self, x: Tensor) -> Tensor:
+        """x : shape = (batch_size, c, h, w) -> (batch_size, output_dim)"""
+        return self.pool(x)[0]
+
+    def pool(self, x: Tensor, need_weights: bool = False) -> tuple[Tensor, Optional[Tensor]]:
         """x : shape = (batch_size, c, h, w) -> (batch_size, output_dim), and the maps (batch_size, heads, 1, hw + 1)
 
         OpenAI's version lets all hw + 1 tokens attend and then keeps only the first; only its query matters.
         """
         x = self.tokens(x)
         n, t, c = x.shape
-        q = self.q_proj(x[:, :1]).view(n, 1, self.num_heads, -1).transpose(1, 2)
-        k = self.k_proj(x).view(n, t, self.num_heads, -1).transpose(1, 2)
-        v = self.v_proj(x).view(n, t, self.num_heads, -1).transpose(1, 2)
+        q = self.q_proj(x[:, :1]).view(n, 1, self.num_heads, c // self.num_heads).transpose(1, 2)
+        k = self.k_proj(x).view(n, t, self.num_heads, c // self.num_heads).transpose(1, 2)
+        v = self.v_proj(x).view(n, t, self.num_heads, c // self.num_heads).transpose(1, 2)
         if need_weights:
             out, weights = attention_with_weights(q, k, v, causal=False)
         else:
@@ -400,7 +452,7 @@ class ModifiedResNet(nn.Module):
         """x : shape = (batch_size, 3, res, res) -> (batch_size, output_dim)"""
         x = self.stem(x)
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return self.attnpool(x)[0]
+        return self.attnpool(x)
 
     def forward_intermediates(self, x: Tensor, indices: "int | list[int] | None" = None, need_weights: bool = False) -> dict:
         """x : shape = (batch_size, 3, res, res) -> a dict of
@@ -412,7 +464,7 @@ class ModifiedResNet(nn.Module):
         """
         take = take_indices(4, indices)
         stages = self.stages(x)
-        features, weights = self.attnpool(stages[-1], need_weights)
+        features, weights = self.attnpool.pool(stages[-1], need_weights)
         out = {
             "image_features": features,
             "image_intermediates": [stages[i] for i in take],
@@ -523,9 +575,15 @@ class CLIP(nn.Module):
 
         `full_context` runs every position (see `embed_text`): the same features, slower; for graph export.
         """
-        x, eot = self.embed_text(text, full_context)
-        x = self.transformer(x, rows=eot)  # (batch_size, width), at each text's EOT
-        return self.ln_final(x).type(self.dtype) @ self.text_projection
+        if unobserved(self.token_embedding, self.transformer, self.ln_final):
+            x, eot = self.embed_text(text, full_context)
+            x = self.transformer.forward_rows(x, eot)  # (batch_size, width), at each text's EOT
+            return self.ln_final(x).type(self.dtype) @ self.text_projection
+        # watched: OpenAI's steps on all context_length positions, so that every hook sees what it sees there
+        x, eot = self.embed_text(text, full_context=True)
+        x = self.transformer(x.transpose(0, 1)).transpose(0, 1)
+        x = self.ln_final(x).type(self.dtype)
+        return x[torch.arange(x.shape[0], device=x.device), eot] @ self.text_projection
 
     def forward(self, image: Tensor, text: Tensor) -> tuple[Tensor, Tensor]:
         """-> logits_per_image (n_images, n_texts), logits_per_text (n_texts, n_images)"""
