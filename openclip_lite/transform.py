@@ -37,6 +37,14 @@ def _check_image(image: Image.Image) -> Image.Image:
     return image
 
 
+class _CheckedResize(Resize):
+    """torchvision's Resize after `_check_image`, so that every step sits at the index it has in OpenAI's Compose
+    (`preprocess.transforms[0]` is the Resize, with its `.size`, as code written for OpenAI's expects)."""
+
+    def forward(self, img):
+        return super().forward(_check_image(img))
+
+
 def _convert_image_to_rgb(image: Image.Image) -> Image.Image:
     try:
         return image.convert("RGB")
@@ -67,8 +75,7 @@ def preprocess(n_px: int) -> Compose:
     """
     return Compose(
         [
-            _check_image,
-            Resize(n_px, interpolation=InterpolationMode.BICUBIC),
+            _CheckedResize(n_px, interpolation=InterpolationMode.BICUBIC),
             CenterCrop(n_px),
             _convert_image_to_rgb,
             ToTensor(),

@@ -41,3 +41,12 @@ def test_preprocess_equals_openai(mode, n_px):
         actual = ours(img)
         assert actual.shape == (3, n_px, n_px) and actual.dtype == torch.float32
         assert torch.equal(actual, expected), (mode, size)
+
+
+def test_steps_at_openai_indices():
+    # code written for OpenAI's Compose reads steps by index: transforms[0].size, transforms[-1].mean
+    ours, reference = preprocess(224).transforms, openai_clip.clip._transform(224).transforms
+    assert len(ours) == len(reference)
+    for step, expected in zip(ours, reference):
+        assert isinstance(step, type(expected)) or (callable(step) and callable(expected) and not isinstance(expected, torch.nn.Module))
+    assert ours[0].size == reference[0].size and ours[1].size == reference[1].size and ours[-1].mean == reference[-1].mean
