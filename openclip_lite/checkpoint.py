@@ -189,6 +189,10 @@ class _TorchScriptUnpickler(pickle._Unpickler):
     def __init__(self, data: bytes, archive: zipfile.ZipFile, prefix: str, path: str):
         super().__init__(io.BytesIO(data))
         self.archive, self.prefix, self.path = archive, prefix, path
+        # each storage is read once, however often data.pkl names it (as torch's reader does): a few MB of file
+        # naming one storage thousands of times must not become thousands of copies
+        self.storages: dict[str, Tensor] = {}
+        self.budget = 0  # bytes the copies of parts of storages may still take: no more than the storages hold
 
     def find_class(self, module: str, name: str) -> Any:
         if module.startswith("__torch__"):
@@ -229,6 +233,11 @@ class _TorchScriptUnpickler(pickle._Unpickler):
         ):
             raise CheckpointError(f"{self.path}: unexpected persistent id {pid!r} in TorchScript archive")
         _, dtype, key, _location, numel = pid
+        if key in self.storages:
+            storage = self.storages[key]
+            if storage.dtype != dtype or storage.numel() != numel:
+                raise CheckpointError(f"{self.path}: storage {key} is named as {numel} values of {dtype} and as {storage.numel()} of {storage.dtype}")
+            return storage
         name = f"{self.prefix}data/{key}"
         try:
             info = self.archive.getinfo(name)
@@ -246,7 +255,9 @@ class _TorchScriptUnpickler(pickle._Unpickler):
                 filled += len(chunk)
             if filled < len(view) or entry.read(1):
                 raise CheckpointError(f"{self.path}: storage {key} is not {info.file_size} bytes long, as the archive says")
-        return data.view(dtype)
+        self.storages[key] = data.view(dtype)
+        self.budget += info.file_size
+        return self.storages[key]
 
     def rebuild_tensor(self, storage: Tensor, offset: int, size: tuple, stride: tuple, *args: Any) -> Tensor:
         """`torch._utils._rebuild_tensor_v2` for our storages, after checking the view's extent."""
@@ -258,6 +269,9 @@ class _TorchScriptUnpickler(pickle._Unpickler):
             raise CheckpointError(f"{self.path}: a tensor of shape {tuple(size)} claims more values than its storage of {storage.numel()} holds")
         if offset == 0 and view.numel() == storage.numel() and view.is_contiguous():
             return view  # the whole storage, as a state dict's tensors are: no second copy of the model
+        self.budget -= view.numel() * view.element_size()
+        if self.budget < 0:
+            raise CheckpointError(f"{self.path}: its tensors copy more data out of its storages than the storages hold, which no checkpoint does")
         return view.clone()  # a part: copied, so that it does not keep the rest of the storage alive
 
 

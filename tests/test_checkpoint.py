@@ -254,6 +254,12 @@ CRAFTED = {
         {},
         "impossibly deep or large",
     ),
+    # parts of one storage copied again and again: a few bytes of file asking for gigabytes of copies
+    "parts copied over and over": (
+        op_module(b"}(" + b"".join(op_value(f"w{i}") + op_tensor(op_storage("crafted", 4), (2,), (1,)) for i in range(3)) + b"u"),
+        FOUR_FLOATS,
+        "copy more data out of its storages than the storages hold",
+    ),
     # an entry that is not a storage
     "foreign persistent id": (op_module(b"}" + op_value("weight") + op_value(("module", "os", "system")) + b"Qs"), {}, "persistent id"),
 }
@@ -267,6 +273,17 @@ def test_crafted_torchscript_pickles_are_refused_quickly(micro, tmp_path, case):
     torchscript_with_data_pkl(micro.files["torchscript"][0], b"\x80\x02" + body + b".", path, storages)
     with pytest.raises(CheckpointError, match=f"crafted.pt.*{reason}"):
         load_state_dict(path)
+
+
+def test_a_storage_named_many_times_is_read_once(micro, tmp_path):
+    # torch's reader shares one storage between its references; a copy per reference would turn a small file
+    # naming one storage thousands of times into thousands of copies of it
+    body = op_module(b"}(" + b"".join(op_value(f"w{i}") + op_tensor(op_storage("crafted", 4), (4,), (1,)) for i in range(1000)) + b"u")
+    path = tmp_path / "shared.pt"
+    torchscript_with_data_pkl(micro.files["torchscript"][0], b"\x80\x02" + body + b".", path, FOUR_FLOATS)
+    state_dict = load_state_dict(path)
+    assert len(state_dict) == 1000 and all(torch.equal(v, torch.tensor([1.0, 2, 3, 4])) for v in state_dict.values())
+    assert len({v.untyped_storage().data_ptr() for v in state_dict.values()}) == 1
 
 
 @pytest.mark.timeout(30)
