@@ -65,7 +65,7 @@ __all__ = [
 
 
 def load(
-    name: str,
+    name: "str | os.PathLike",
     device: Union[str, torch.device, None] = None,
     jit: bool = False,
     download_root: Optional[str] = None,
@@ -89,14 +89,17 @@ def load(
     Returns (model in eval mode, preprocess: PIL image -> tensor (3, res, res)).
     """
     device = _resolve_device(device)
+    if dtype is not None and dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(map(str, _DTYPES))} (or None for the device's default), got {dtype!r}")
     if jit:
         warnings.warn("jit=True is not supported (TorchScript breaks on current PyTorch); returning the regular model", stacklevel=2)
-    if os.path.isfile(name):
+    name = os.fspath(name)
+    if name not in available_models() and os.path.isfile(name):  # a name first, as OpenAI's: a stray file "RN50" does not hide it
         path = name
     else:
         from .download import download
 
-        path = download(name, root=download_root, source=source)
+        path = download(name, root=download_root, source=source)  # a name that is neither: UnknownModelError
 
     from .checkpoint import load_state_dict
 
@@ -110,6 +113,10 @@ def load(
         convert_weights(model, dtype)
     model = model.to(device)
     return model, _transform(model.visual.input_resolution)
+
+
+# the dtypes CLIP's weights can be cast to and computed in (torch.float64 too: for numerical checks)
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def _resolve_device(device: Union[str, torch.device, None]) -> torch.device:

@@ -3,7 +3,8 @@
 Two sources, chosen by `source=` or the env var OPENCLIP_LITE_SOURCE (default "hub"):
 - "hub": `open_clip_model.safetensors` (else `open_clip_pytorch_model.bin`) from the model's Hub repo, through
   `huggingface_hub.hf_hub_download`, so HF_ENDPOINT, HF_HOME, HF_HUB_OFFLINE, tokens and the shared cache work
-  as they do for every other Hub library.
+  as they do for every other Hub library. An OpenAI archive already in ~/.cache/clip (or `root`), as OpenAI's
+  `clip` package leaves it, is used instead when its SHA256 matches: no download for its users.
 - "openai": OpenAI's original TorchScript archives, checked against the SHA256 in their URLs and cached as
   `<root>/<file>` (default ~/.cache/clip, the folder OpenAI's `clip` package uses, so its downloads are reused).
   OPENCLIP_LITE_OPENAI_URL replaces https://openaipublic.azureedge.net/clip/models for mirrors, which must keep
@@ -16,6 +17,7 @@ OPENCLIP_LITE_OFFLINE=1) never makes a request, for either source.
 from __future__ import annotations
 
 import difflib
+import glob
 import hashlib
 import http.client
 import os
@@ -27,7 +29,7 @@ import warnings
 
 from filelock import FileLock
 from huggingface_hub import constants as hf_constants
-from huggingface_hub import hf_hub_download, try_to_load_from_cache
+from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url, try_to_load_from_cache
 from huggingface_hub.utils import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
 from tqdm import tqdm
 
@@ -106,6 +108,8 @@ def _lookup(name: str) -> pretrained.Pretrained:
     available = list(pretrained.MODELS)
     close = difflib.get_close_matches(name, available, n=3, cutoff=0.6)
     hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    if os.sep in name or os.path.splitext(name)[1]:  # it looks like a path
+        hint += f" There is no file at {os.path.abspath(name)}."
     raise UnknownModelError(
         f"Model {name!r} not found; available models: {', '.join(available)}.{hint} "
         "To load your own checkpoint, pass the path of an existing file."
@@ -130,7 +134,7 @@ def _download_hub(name: str, model: pretrained.Pretrained, root: str | os.PathLi
         cached = try_to_load_from_cache(model.hub_repo, filename, cache_dir=cache_dir)
         if not isinstance(cached, str):
             continue
-        if _hub_file_is_intact(cached):
+        if _hub_file_is_intact(cached) is not False:  # None: no hash kept to check against; it was checked when downloaded
             return cached
         if is_offline():
             raise ChecksumError(
@@ -140,6 +144,11 @@ def _download_hub(name: str, model: pretrained.Pretrained, root: str | os.PathLi
         warnings.warn(f"{cached} is corrupt (SHA256 mismatch); downloading it again", stacklevel=3)
         _forget_hub_file(cached)
         break
+
+    # Users of OpenAI's `clip` have its archives in ~/.cache/clip (or their download_root): verified, they serve.
+    openai_file = os.path.join(os.path.expanduser(cache_dir or OPENAI_ROOT), model.filename)
+    if _matches(openai_file, model.sha256):
+        return openai_file
 
     where = cache_dir or hf_constants.HF_HUB_CACHE
     if is_offline():
@@ -176,7 +185,17 @@ def _download_hub(name: str, model: pretrained.Pretrained, root: str | os.PathLi
                 f"{type(e).__name__}: {_first_line(e)}. Nothing was cached; check the connection, HF_ENDPOINT and "
                 "your Hub token (HF_TOKEN), then run it again."
             ) from e
-        if not _hub_file_is_intact(path):
+        intact = _hub_file_is_intact(path)
+        if intact is None:
+            try:
+                intact = _matches_hub_etag(path, model.hub_repo, filename, endpoint, server)
+            except _HUB_ERRORS as e:
+                _forget_hub_file(path)
+                raise DownloadError(
+                    f"The {filename} of model {name!r} was downloaded, but asking {server} for its SHA256 failed "
+                    f"({type(e).__name__}: {_first_line(e)}), so it was not kept. Run it again."
+                ) from e
+        if not intact:
             _forget_hub_file(path)
             raise ChecksumError(
                 f"The {filename} of model {name!r} downloaded from {server}/{model.hub_repo} does not match the "
@@ -190,13 +209,31 @@ def _download_hub(name: str, model: pretrained.Pretrained, root: str | os.PathLi
     ) from missing
 
 
-def _hub_file_is_intact(path: str) -> bool:
-    """Check a cached Hub file against its blob name, which is the file's SHA256 for LFS files such as weights."""
+def _hub_file_is_intact(path: str) -> bool | None:
+    """Check a cached Hub file against its blob name, which is the file's SHA256 for LFS files such as weights.
+
+    None where the cache holds no hash to check against: a cache without symlinks (Windows without Developer Mode)
+    keeps the file under its own name, and a mirror whose ETags are not SHA256 names blobs by something else.
+    """
     blob = os.path.realpath(path)
     expected = os.path.basename(blob)
     if not _SHA256.fullmatch(expected):
-        return True  # not an LFS blob name (e.g. a cache without symlinks): there is no hash to check against
+        return None
     return _sha256(blob) == expected
+
+
+def _matches_hub_etag(path: str, repo: str, filename: str, endpoint: str | None, server: str) -> bool:
+    """For a file just downloaded into a cache that keeps no hash: ask the Hub again for its SHA256 (an LFS file's
+    ETag) and compare. A server that gives no SHA256 leaves nothing to compare: say so, and trust the download."""
+    etag = get_hf_file_metadata(hf_hub_url(repo, filename, endpoint=endpoint), endpoint=endpoint).etag or ""
+    if not _SHA256.fullmatch(etag):
+        warnings.warn(
+            f"{server} gives no SHA256 for {repo}/{filename} (ETag {etag!r}), so the download could not be verified; "
+            f"source='openai' ({SOURCE_ENV}=openai) checks OpenAI's archives against their published SHA256",
+            stacklevel=4,
+        )
+        return True
+    return _sha256(path) == etag
 
 
 def _forget_hub_file(path: str) -> None:
@@ -231,14 +268,29 @@ def _download_openai(name: str, model: pretrained.Pretrained, root: str | os.Pat
             f"Model {name!r} ({target}) {state} and offline mode is on (HF_HUB_OFFLINE / {OFFLINE_ENV}). "
             + _how_to_get(name, "openai")
         )
-    os.makedirs(root, exist_ok=True)
-    with FileLock(target + ".lock"):
+    try:
+        os.makedirs(root, exist_ok=True)
+        lock = FileLock(target + ".lock")
+        lock.acquire()
+    except OSError as e:  # a file where the folder should be, a read-only folder
+        raise DownloadError(
+            f"Cannot write model {name!r} into the cache folder {root} ({type(e).__name__}: {e}); pass "
+            "download_root= a writable folder, or the path of a checkpoint file instead of the name."
+        ) from e
+    try:
         # Another process may have finished this file while we waited for the lock.
         if _matches(target, model.sha256):
             return target
         if os.path.exists(target):
             warnings.warn(f"{target} exists, but its SHA256 does not match; downloading it again", stacklevel=3)
+        # Holding the lock, no other process is writing this file: partial files left by a killed download are stale.
+        for stale in glob.glob(os.path.join(glob.escape(root), f".{glob.escape(model.filename)}.*.part")):
+            os.remove(stale)
         _fetch_verified(name, openai_url(model), model.sha256, target, progress)
+    except OSError as e:
+        raise DownloadError(f"Cannot write model {name!r} into the cache folder {root} ({type(e).__name__}: {e}); pass download_root= a writable folder.") from e
+    finally:
+        lock.release()
     return target
 
 

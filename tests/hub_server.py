@@ -7,7 +7,8 @@ the Hub gives for LFS files), `Content-Length` and byte ranges (used to resume a
 client falls back to a plain HTTP download.
 
 Faults can be switched on per URL path: "cut" (the connection closes halfway through the body, on every request),
-"cut-once" (only on the first GET), "tamper" (same length and headers, different bytes); `delay_s` holds every
+"cut-once" (only on the first GET), "tamper" (same length and headers, different bytes), "md5-etag" (ETags that are
+the body's MD5, as some mirrors and proxies give, instead of its SHA256); `delay_s` holds every
 GET body back, so that two clients are downloading at the same time.
 """
 
@@ -23,7 +24,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 _RESOLVE = re.compile(r"^/(?P<repo>[^/]+/[^/]+)/resolve/(?P<revision>[^/]+)/(?P<filename>.+)$")
 _RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
-FAULTS = ("cut", "cut-once", "tamper")
+FAULTS = ("cut", "cut-once", "tamper", "md5-etag")
 
 
 @dataclass(frozen=True)
@@ -133,6 +134,8 @@ def _handler_for(server: FileServer) -> type[BaseHTTPRequestHandler]:
                 return self._not_found(hub, repo_commit)
 
             sha256 = hashlib.sha256(body).hexdigest()
+            if server.faults.get(path) == "md5-etag":
+                sha256 = hashlib.md5(body).hexdigest()
             if server.faults.get(path) == "tamper":
                 body = _tampered(body)
             start, end = 0, len(body) - 1

@@ -373,6 +373,68 @@ def test_openai_corrupt_cached_file_is_downloaded_again(hub, tiny, cache, monkey
     assert Path(path).read_bytes() == tiny.openai
 
 
+@pytest.mark.parametrize("offline", [None, "HF_HUB_OFFLINE"])
+def test_hub_source_uses_openai_archive_already_in_the_cache(hub, tiny, cache, monkeypatch, offline):
+    # users coming from OpenAI's `clip` have its archives in ~/.cache/clip or their download_root: no download
+    dl.download(NAME, root=cache, source="openai", progress=False)
+    if offline:
+        go_offline(monkeypatch, offline)
+    hub.clear_log()
+    assert dl.download(NAME, root=cache, progress=False) == str(cache / OPENAI_FILE)
+    assert hub.requests() == []
+    # a damaged archive is not trusted: the hub's file is downloaded instead
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    (cache / OPENAI_FILE).write_bytes(tiny.openai[:-1] + b"x")
+    assert Path(dl.download(NAME, root=cache, progress=False)).read_bytes() == tiny.safetensors
+
+
+def test_openai_unwritable_cache_is_a_download_error(hub, tiny, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(DownloadError, match=f"Cannot write model '{NAME}' into the cache folder .*download_root"):
+        dl.download(NAME, root=blocker, source="openai", progress=False)
+    assert blocker.read_text() == "not a folder"
+
+
+def test_openai_partial_files_of_a_killed_download_are_removed(hub, tiny, cache):
+    cache.mkdir()
+    stale = cache / f".{OPENAI_FILE}.k1ll3d.part"  # what a download killed mid-file leaves (the process never cleaned up)
+    stale.write_bytes(tiny.openai[:100])
+    other = cache / ".Other.pt.x.part"  # another model's: not ours to remove
+    other.write_bytes(b"x")
+    dl.download(NAME, root=cache, source="openai", progress=False)
+    assert not stale.exists() and other.exists()
+    assert files_under(cache) == [".Other.pt.x.part", OPENAI_FILE, OPENAI_FILE + ".lock"]
+
+
+@pytest.fixture
+def no_symlinks(monkeypatch):
+    """A Hugging Face cache without symlinks, as on Windows without Developer Mode: files keep their own names."""
+    import huggingface_hub.file_download
+
+    monkeypatch.setattr(huggingface_hub.file_download, "are_symlinks_supported", lambda *args, **kwargs: False)
+
+
+def test_hub_cache_without_symlinks_still_checks_the_download(hub, tiny, cache, no_symlinks):
+    hub.fault(hub_path(SAFETENSORS), "tamper")
+    with pytest.raises(ChecksumError, match=f"'{NAME}'.*SHA256"):
+        dl.download(NAME, root=cache, progress=False)
+    assert_nothing_trusted(cache)
+
+    hub.fault(hub_path(SAFETENSORS), None)
+    path = dl.download(NAME, root=cache, progress=False)
+    assert not os.path.islink(path) and Path(path).read_bytes() == tiny.safetensors
+    hub.clear_log()
+    assert dl.download(NAME, root=cache, progress=False) == path and hub.requests() == []
+
+
+def test_hub_mirror_without_sha256_says_the_download_is_unverified(hub, tiny, cache, no_symlinks):
+    hub.fault(hub_path(SAFETENSORS), "md5-etag")
+    with pytest.warns(UserWarning, match="gives no SHA256 .*could not be verified"):
+        path = dl.download(NAME, root=cache, progress=False)
+    assert Path(path).read_bytes() == tiny.safetensors
+
+
 def test_openai_404_is_one_error(hub, tiny, cache):
     del hub.files[openai_path(tiny)]
     with pytest.raises(DownloadError, match="HTTP 404") as info:
