@@ -137,7 +137,7 @@ def time_construction(repeats: int) -> tuple[float, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=20_000, help="distinct captions per set")
     parser.add_argument("--repeats", type=int, default=3, help="runs per tokenizer and set; the best is reported")
     parser.add_argument("--seed", type=int, default=0)

@@ -22,7 +22,7 @@ ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("query", nargs="?", help='a text query, e.g. "red circle"')
     parser.add_argument("--image", help="an image to find similar images to, instead of a text query")
     parser.add_argument("--images", default=ASSETS, help="the folder to search (default: examples/assets)")

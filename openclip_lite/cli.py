@@ -4,6 +4,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import warnings
 from typing import TYPE_CHECKING, Optional
 
@@ -67,6 +68,7 @@ def cmd_embed(args: argparse.Namespace) -> None:
     paths = list_images(args.inputs)
     if not paths:
         raise ValueError(f"no image files in {' '.join(args.inputs)} (looked for .jpg .jpeg .png .webp .bmp .gif .tif .tiff, recursively)")
+    _check_writable(args.out)  # before the embedding, not after it: a typo in --out must not cost the work
     build_options = {"memory_budget": args.memory_budget} if args.memory_budget else {}
     model, preprocess = clip.load(args.model, device=args.device, download_root=args.root)
     with warnings.catch_warnings():
@@ -131,6 +133,8 @@ def _open_milvus(args: argparse.Namespace) -> "MilvusIndex":
 
     if not args.collection:
         raise ValueError("--milvus needs --collection NAME")
+    if "://" not in args.milvus and not os.path.exists(args.milvus):  # a Lite file: opening would create an empty one
+        raise FileNotFoundError(f"no Milvus Lite file at {args.milvus}; make one with: openclip-lite index to-milvus SHARDS_DIR --uri {args.milvus} --collection {args.collection}")
     return MilvusIndex(args.milvus, args.collection, token=args.token)
 
 
@@ -220,6 +224,17 @@ def cmd_index_info(args: argparse.Namespace) -> None:
         print(f"{name:13s} {value}")
 
 
+def _check_writable(out: str) -> None:
+    """Raise OSError now if nothing can be written where `out` goes (its folder, or the folder it would be)."""
+    folder = os.path.dirname(os.path.abspath(out))
+    while not os.path.exists(folder):  # the folders save_* would create: the first existing one must take them
+        folder = os.path.dirname(folder)
+    with tempfile.TemporaryFile(dir=folder if os.path.isdir(folder) else None):
+        pass
+    if not os.path.isdir(folder):
+        raise NotADirectoryError(f"cannot write {out}: {folder} is a file, not a folder")
+
+
 def cmd_index_tune(args: argparse.Namespace) -> None:
     from .index import load_index
 
@@ -231,6 +246,9 @@ def cmd_index_tune(args: argparse.Namespace) -> None:
         shards = open_shards(args.features)
         features = shards.take(np.arange(len(shards)))
     before = dict(index.params)
+    args.k = min(args.k, len(index) - 1)  # each vector is a query for the others: at most n - 1 neighbours
+    if args.k < 1:
+        raise ValueError(f"{args.path} holds {len(index)} vector(s): too few to measure recall on")
     with warnings.catch_warnings():
         warnings.showwarning = _print_warning
         index.tune(target_recall=args.target_recall, k=args.k, features=features)
@@ -280,6 +298,20 @@ def _print_warning(message, category, filename, lineno, file=None, line=None) ->
     print(f"openclip-lite: warning: {message}", file=sys.stderr)
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is from 0 to 65535, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="openclip-lite", description="OpenAI's CLIP models: zero-shot classification, embedding and search.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -297,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--labels", nargs="+", required=True, help='labels, space- or comma-separated: --labels "red circle,blue square"')
     p.add_argument("--templates", help='"imagenet" for the 80 templates of the CLIP paper, or one template with {} (default: "a photo of a {}.")')
-    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--top-k", type=_positive_int, default=3)
     p.add_argument("--model", default="ViT-B/32", help="a released model name or a checkpoint path")
     p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the best available)")
     p.add_argument("--root", help="download cache directory")
@@ -310,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="ViT-B/32", help="a released model name or a checkpoint path")
     p.add_argument("--index", metavar="KIND", help="FAISS index kind for a folder --out: flat (default), ivf_flat, ivf_sq8, ivf_pq, hnsw or auto")
     p.add_argument("--memory-budget", metavar="SIZE", help="the most memory the index may use, e.g. 16G or 512M (units of 1024); without --index, picks the kind that fits (auto)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=_positive_int, default=64)
     p.add_argument("--num-workers", type=int, metavar="N", help="image decoding processes (default: one per CPU core, at most 16)")
     p.add_argument("--strict", action="store_true", help="stop at the first unreadable image instead of skipping it")
     p.add_argument("--progress", action="store_true", help="always show the progress bar (default: for 1,000 images or more, on a terminal)")
@@ -331,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--collection", help="the Milvus collection, with --milvus")
     p.add_argument("--token", help="a Milvus server's token, with --milvus")
     p.add_argument("--image", action="append", default=[], metavar="FILE", help="an image to find similar images to (repeatable)")
-    p.add_argument("-k", "--top-k", type=int, default=10, help="results per query")
+    p.add_argument("-k", "--top-k", type=_positive_int, default=10, help="results per query")
     p.add_argument("--model", help="the model to encode queries with (default: the one that made the index)")
     p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the best available)")
     p.add_argument("--root", help="download cache directory")
@@ -344,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--collection", help="the Milvus collection, with --milvus")
     p.add_argument("--token", help="a Milvus server's token, with --milvus")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 opens it to the network)")
-    p.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
+    p.add_argument("--port", type=_port, default=8000, help="port to listen on (default: 8000)")
     p.add_argument("--model", help="the model to encode queries with (default: the one that made the index)")
     p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the best available)")
     p.add_argument("--root", help="download cache directory")
@@ -375,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = index_sub.add_parser("tune", help="set an index's nprobe / efSearch to the smallest that reaches a recall, and save it")
     q.add_argument("path", metavar="INDEX_DIR")
     q.add_argument("--target-recall", type=float, default=0.95, help="recall@k to reach, against exact search (default: 0.95)")
-    q.add_argument("-k", type=int, default=10, help="the k of recall@k (default: 10)")
+    q.add_argument("-k", type=_positive_int, default=10, help="the k of recall@k (default: 10; at most the index's size - 1)")
     q.add_argument("--features", metavar="SHARDS_DIR", help="the shards the index was built from: recall against their exact vectors (default: the index's own, quantised for ivf_sq8 / ivf_pq)")
     q.set_defaults(func=cmd_index_tune)
 
@@ -390,10 +422,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse fills positionals once, so `search INDEX -k 5 "a query"` leaves the query over: it is a query
+    if extra and args.command == "search" and not any(word.startswith("-") for word in extra):
+        args.queries += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         args.func(args)
-    except (OpenCLIPLiteError, FileNotFoundError, ValueError) as e:
+    except BrokenPipeError:  # `openclip-lite models | head -1`: the reader left; not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that Python's exit flush stays quiet
+        return 1
+    except (OpenCLIPLiteError, OSError, ValueError) as e:  # FileNotFoundError, PermissionError, FileExistsError...
         print(f"openclip-lite: error: {e}", file=sys.stderr)
         return 1
     return 0

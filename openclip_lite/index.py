@@ -291,9 +291,9 @@ class Index:
         """The k best vectors for each query, best first.
 
         queries : torch.Tensor or np.ndarray, shape = (q, dim) or (dim,) for one query (answered as q = 1)
-        k : 1 <= k <= len(index)
+        k : results per query, at least 1; fewer when the index holds fewer (as `openclip_lite.search`)
 
-        Returns (scores, ids): float32 and int64 tensors, shape = (q, k). Scores are higher-is-better for every
+        Returns (scores, ids): float32 and int64 tensors, shape = (q, min(k, len(index))). Scores are higher-is-better for every
         metric (cosine similarity, inner product, or negative squared L2 distance). A slot an approximate search
         could not fill has id -1 and score -inf.
         """
@@ -301,8 +301,7 @@ class Index:
             raise ValueError("the index is empty; add vectors to it before searching")
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise ValueError(f"k must be a positive integer, got {k!r}")
-        if k > len(self):
-            raise ValueError(f"k={k} but the index holds {len(self)} vectors; ask for k <= {len(self)}")
+        k = min(k, len(self))
         x = self._prepare(queries, "queries")
         scores, positions = self._faiss.search(x, int(k))
         return self._answer(scores, positions)

@@ -108,20 +108,27 @@ def list_images(inputs: PathLike | Iterable[PathLike]) -> list[str]:
     In a folder, files count as images by extension (case-insensitive: jpg, jpeg, png, webp, bmp, gif, tif,
     tiff); hidden files and folders (names starting with ".", e.g. macOS "._x.jpg" resource forks) are left out.
     A folder's files come sorted by path, so that the same folder gives the same order (and the same index rows)
-    on every machine. A file named directly is kept whatever its extension: naming it is asking for it.
+    on every machine. A file named directly is kept whatever its extension: naming it is asking for it. A file
+    reached twice (a folder and a file in it, or the same folder twice) is listed once, where it first comes.
     Raises FileNotFoundError for an input that does not exist.
     """
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
     paths: list[str] = []
+    seen: set[str] = set()
     for item in inputs:
         item = os.fspath(item)
         if os.path.isdir(item):
-            paths.extend(sorted(_walk_images(item)))
+            found = sorted(_walk_images(item))
         elif os.path.exists(item):
-            paths.append(item)
+            found = [item]
         else:
             raise FileNotFoundError(f"no such file or folder: {item}")
+        for path in found:
+            key = os.path.normcase(os.path.abspath(path))
+            if key not in seen:
+                seen.add(key)
+                paths.append(path)
     return paths
 
 

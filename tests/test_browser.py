@@ -1,7 +1,7 @@
 """The search page in a real headless Chromium (Selenium), against uvicorn on a free 127.0.0.1 port, over 3 images of
 each of the demo model's 18 labels drawn by tools/shapes.py, searched with the demo model.
 
-Set OPENCLIP_LITE_SCREENSHOT=examples/assets/search-page.png to rewrite the README's screenshot from this run.
+Set OPENCLIP_LITE_SCREENSHOT=docs/search-page.png to rewrite the README's screenshot from this run.
 """
 
 import base64

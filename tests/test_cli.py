@@ -103,6 +103,10 @@ def test_shards_to_milvus_then_search_by_image(tmp_path):
 def test_search_with_milvus_needs_a_collection(tmp_path):
     result = run("search", "--milvus", str(tmp_path / "m.db"), "a red circle")
     assert result.returncode == 1 and "--collection" in result.stderr
+    # a mistyped Milvus Lite file: an error, and no empty database left under that name
+    result = run("search", "--milvus", str(tmp_path / "typo.db"), "--collection", "shapes", "a red circle")
+    assert result.returncode == 1 and "no Milvus Lite file at" in result.stderr and "Traceback" not in result.stderr
+    assert os.listdir(tmp_path) == []
 
 
 # ---------------------------------------------------------------------------------------------------- FAISS indexes

@@ -121,6 +121,9 @@ def test_list_images_is_recursive_sorted_and_filtered(folder):
     assert list_images([str(folder / "notes.txt"), str(folder / "a.jpg")]) == [str(folder / "notes.txt"), str(folder / "a.jpg")]
     with pytest.raises(FileNotFoundError, match="missing"):
         list_images(str(folder / "missing"))
+    # overlapping inputs list each file once, where it first comes: no duplicate rows in an index
+    again = list_images([str(folder / "a.jpg"), str(folder), os.path.join(str(folder), ".", "")])
+    assert again == [str(folder / "a.jpg")] + [p for p in listed if os.path.basename(p) != "a.jpg"]
 
 
 # ---------------------------------------------------------------------------------------------------- images
@@ -393,3 +396,37 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["embed", str(tmp_path / "empty"), "--out", str(tmp_path / "x.pt"), "--model", "ViT-B/32"]) == 1
     assert "no image files" in capsys.readouterr().err
+
+
+def test_cli_query_after_options_and_bad_numbers(vit, tmp_path, capsys):
+    checkpoint = vit[3]
+    good = write_images(tmp_path / "photos")
+    out = tmp_path / "index.pt"
+    assert main(["embed", str(tmp_path / "photos"), "--out", str(out), "--model", checkpoint, "--device", "cpu", "--num-workers", "0"]) == 0
+    capsys.readouterr()
+    # the query after an option is still a query (argparse alone would call it an unrecognized argument)
+    assert main(["search", str(out), "-k", "2", "--device", "cpu", "two dogs in the snow"]) == 0
+    blocks = results(capsys.readouterr().out)
+    assert list(blocks) == ['"two dogs in the snow"'] and len(blocks['"two dogs in the snow"']) == 2
+    with pytest.raises(SystemExit) as exit_info:
+        main(["search", str(out), "--no-such-flag", "a dog"])
+    assert exit_info.value.code == 2 and "--no-such-flag" in capsys.readouterr().err
+    bad_numbers = {
+        "-k 0": (["search", str(out), "-k", "0", "a dog"], "must be at least 1, got 0"),
+        "--top-k -1": (["classify", good[0], "--labels", "a,b", "--top-k", "-1"], "must be at least 1, got -1"),
+        "--port 99999": (["serve", str(out), "--port", "99999"], "a port is from 0 to 65535, got 99999"),
+    }
+    for argv, message in bad_numbers.values():
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_cli_embed_checks_out_before_embedding(tmp_path, capsys):
+    (tmp_path / "a-file").write_text("x")
+    write_images(tmp_path / "photos")
+    # the model name is never looked up: the unwritable --out is found first
+    argv = ["embed", str(tmp_path / "photos"), "--out", str(tmp_path / "a-file" / "index.pt"), "--model", "no-such-model"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "a-file" in err and "no-such-model" not in err and len(err.strip().splitlines()) == 1
