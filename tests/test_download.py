@@ -481,7 +481,7 @@ def test_two_processes_download_the_same_model_once(hub, tiny, tmp_path):
         "HF_ENDPOINT": hub.url,
         "HF_HOME": str(tmp_path / "hf"),
         "HOME": str(tmp_path / "home"),
-        dl.SOURCE_ENV: "openai",
+        dl.SOURCE_ENV: "hub",  # hub first: once OpenAI's archive is cached, the hub source would use it instead
     }
     args = [sys.executable, "-c", _CHILD, NAME, REPO, hub.url + openai_path(tiny)]
     children = [
@@ -491,7 +491,7 @@ def test_two_processes_download_the_same_model_once(hub, tiny, tmp_path):
     assert [child.returncode for child in children] == [0, 0], results
     paths = {tuple(out.split()) for out, _ in results}
     assert len(paths) == 1
-    openai_file, hub_file = map(Path, paths.pop())
+    hub_file, openai_file = map(Path, paths.pop())
 
     assert openai_file == tmp_path / "home" / ".cache" / "clip" / OPENAI_FILE
     assert openai_file.read_bytes() == tiny.openai
