@@ -22,6 +22,11 @@ class UnsafeCheckpointError(CheckpointError):
     """A checkpoint that could only be read by executing code from the file (an arbitrary pickle)."""
 
 
+class InputError(OpenCLIPLiteError, ValueError, RuntimeError):
+    """An input the model cannot take: images of another size or not (batch, 3, H, W), token ids not (batch, n) or
+    longer than the context. A ValueError, and a RuntimeError as OpenAI's model raised for these."""
+
+
 class DownloadError(OpenCLIPLiteError, RuntimeError):
     """A download that failed: HTTP error, cut connection, offline without a cached copy."""
 

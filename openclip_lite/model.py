@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import CheckpointError
+from .errors import CheckpointError, InputError
 
 
 class LayerNorm(nn.LayerNorm):
@@ -278,9 +278,9 @@ class VisionTransformer(nn.Module):
         return out
 
 
-def image_size_error(h: int, w: int, res: int) -> ValueError:
+def image_size_error(h: int, w: int, res: int) -> InputError:
     """The error for images whose grid of patches (or ResNet feature map) is not the one the model's position embeddings have."""
-    return ValueError(
+    return InputError(
         f"this model takes {res}x{res} images, got {h}x{w}: its preprocess makes them that size, "
         f"or load(..., image_size=N) resamples the model for N x N"
     )
@@ -289,7 +289,7 @@ def image_size_error(h: int, w: int, res: int) -> ValueError:
 def check_images(image: Tensor) -> None:
     """A clear error for what is not a batch of RGB images, before any layer fails on it with a shape message."""
     if image.dim() != 4 or image.shape[1] != 3:
-        raise ValueError(
+        raise InputError(
             f"expected images as (batch_size, 3, height, width), got shape {tuple(image.shape)}; "
             "preprocess(pil_image).unsqueeze(0) makes a batch of one"
         )
@@ -557,8 +557,13 @@ class CLIP(nn.Module):
         the EOT token, so later positions cannot change the result, and short prompts cost a fraction of 77.
         `full_context` keeps all of them (a shape that does not depend on the data: intermediates, ONNX export).
         """
+        if text.dim() != 2 or text.is_floating_point():
+            raise InputError(
+                f"expected token ids as (batch_size, context_length) integers, got a {text.dtype} tensor of shape "
+                f"{tuple(text.shape)}; tokenize(texts) makes them (a single text: tokenize('a dog') is (1, 77))"
+            )
         if text.shape[-1] > self.context_length:
-            raise ValueError(
+            raise InputError(
                 f"text has {text.shape[-1]} tokens but this model's context length is {self.context_length}; "
                 f"tokenize with context_length={self.context_length}"
             )

@@ -155,3 +155,27 @@ def test_empty_batches(pair):
     embed_dim = ref.text_projection.shape[1]
     assert ours.encode_text(tokens).shape == ref.encode_text(tokens).shape == (0, embed_dim)
     assert ours.encode_image(images(ref, 0)).shape == (0, embed_dim)
+
+
+@torch.no_grad()
+def test_bad_inputs_raise_what_code_written_for_openai_catches(pair):
+    # OpenAI's model fails on these deep inside (RuntimeError, or ValueError); ours says what is wrong, as an
+    # InputError, which is both, so the `except` around OpenAI's calls still catches it
+    from openclip_lite.errors import InputError
+
+    ref, ours = pair
+    res = ref.visual.input_resolution
+    tokens = openai_clip.tokenize(TEXTS)
+    cases = {
+        "images of twice the size": lambda m: m.encode_image(torch.randn(1, 3, 2 * res, 2 * res)),
+        "one image without a batch": lambda m: m.encode_image(torch.randn(3, res, res)),
+        "78 tokens": lambda m: m.encode_text(torch.cat([tokens, tokens[:, :1]], dim=1)),
+        "one text without a batch": lambda m: m.encode_text(tokens[0]),
+    }
+    for case, call in cases.items():
+        with pytest.raises((RuntimeError, ValueError)) as expected:  # a ResNet's BatchNorm raises ValueError for 3-D input
+            call(ref)
+        with pytest.raises(InputError) as info:
+            call(ours)
+        caught_by = RuntimeError if isinstance(expected.value, RuntimeError) else ValueError
+        assert isinstance(info.value, caught_by), case
