@@ -65,9 +65,10 @@ _READ_CHUNK = 1 << 20  # bytes read from a zip entry at a time
 def load_state_dict(path: "str | os.PathLike") -> dict[str, Tensor]:
     """Read `path` (safetensors, torch.save, or TorchScript archive) into a flat `{key: tensor}` dict on the CPU.
 
-    Wrappers are unwrapped (`{"state_dict": ...}`, `module.` prefixes). Raises FileNotFoundError for a missing
-    file, UnsafeCheckpointError for a file that could only be read by running code from it, and
-    CheckpointError for anything else that is not a readable checkpoint (empty, truncated, corrupt, a directory).
+    Wrappers are unwrapped (`{"state_dict": ...}`, `{"model": ...}`, `module.` and `_orig_mod.` prefixes).
+    Raises FileNotFoundError for a missing file, UnsafeCheckpointError for a file that could only be read by
+    running code from it, and CheckpointError for anything else that is not a readable checkpoint (empty,
+    truncated, corrupt, a directory).
     """
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -152,14 +153,17 @@ def _read_zip(path: str) -> dict[str, Tensor]:
 
 
 def _unwrap(obj: Any, path: str) -> dict[str, Tensor]:
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
+    for key in ("state_dict", "model"):  # what training scripts save around the weights (with epoch, optimizer...)
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict of tensors")
     if not obj:
         raise CheckpointError(f"{path} holds an empty dict, not a state dict of tensors")
-    if all(isinstance(k, str) and k.startswith("module.") for k in obj):
-        obj = {k[len("module.") :]: v for k, v in obj.items()}
+    for prefix in ("module.", "_orig_mod."):  # DataParallel / DDP, torch.compile
+        if all(isinstance(k, str) and k.startswith(prefix) for k in obj):
+            obj = {k[len(prefix) :]: v for k, v in obj.items()}
     bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, Tensor)]
     if bad:
         raise CheckpointError(f"{path} is not a state dict of tensors: entry {bad[0]!r} is a {type(obj[bad[0]]).__name__}")

@@ -114,7 +114,13 @@ def test_torchscript_reader_equals_torch_jit_load(tiny):
 
 def test_wrappers_are_unwrapped(micro, tmp_path):
     expected = micro.weights
-    for i, wrapped in enumerate([{"state_dict": expected, "epoch": 3}, {f"module.{k}": v for k, v in expected.items()}]):
+    wrappers = [
+        {"state_dict": expected, "epoch": 3},
+        {f"module.{k}": v for k, v in expected.items()},  # DataParallel, DDP
+        {"model": expected, "epoch": 3},  # a training script's checkpoint (timm, many others)
+        {"model": {f"_orig_mod.{k}": v for k, v in expected.items()}},  # a torch.compile'd model's state dict
+    ]
+    for i, wrapped in enumerate(wrappers):
         torch.save(wrapped, tmp_path / f"{i}.pt")
         state_dict = load_state_dict(tmp_path / f"{i}.pt")
         assert sorted(state_dict) == sorted(expected) and all(torch.equal(state_dict[k], v) for k, v in expected.items())
