@@ -57,4 +57,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (clip.OpenCLIPLiteError, OSError, ValueError) as e:  # a bad file, folder or name: one line, not a traceback
+        sys.exit(f"error: {e}")

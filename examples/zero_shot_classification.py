@@ -24,7 +24,7 @@ def main() -> int:
     parser.add_argument("--labels", nargs="+", default=DEMO_LABELS, help="candidate labels")
     parser.add_argument("--imagenet", action="store_true", help="classify into the 1000 ImageNet classes with the 80-template ensemble")
     parser.add_argument("--template", action="append", help='a prompt template with {} (repeatable; default "a photo of a {}.")')
-    parser.add_argument("--model", default="ViT-B/32", help="a released model name or a checkpoint path")
+    parser.add_argument("--model", default=os.path.join(HERE, "assets", "demo-model.safetensors"), help="a released model name or a checkpoint path (default: the demo model, which knows the default labels)")
     parser.add_argument("--device", help="cpu, cuda or mps (default: the best available)")
     parser.add_argument("--top-k", type=int, default=3)
     args = parser.parse_args()
@@ -39,4 +39,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except (clip.OpenCLIPLiteError, OSError, ValueError) as e:  # a bad file or name: one line, not a traceback
+        sys.exit(f"error: {e}")

@@ -105,6 +105,11 @@ def cmd_embed_ray(args: argparse.Namespace) -> None:
         for flag, value in (("--index", args.index), ("--memory-budget", args.memory_budget), ("--num-workers", args.num_workers), ("--strict", args.strict), ("--device", args.device))
         if value
     ]
+    from .search import EMBEDDINGS_SUFFIXES
+
+    if args.out.lower().endswith(EMBEDDINGS_SUFFIXES):
+        stem = os.path.splitext(args.out)[0]
+        raise ValueError(f"--engine ray writes a folder of Parquet shards, and {args.out} names one file; give a folder, e.g. --out {stem}-shards")
     if local_only:
         raise ValueError(
             f"{', '.join(local_only)} only apply to --engine local; with --engine ray, --out is a folder of Parquet "

@@ -20,6 +20,7 @@ import io
 import ipaddress
 import math
 import os
+import socket
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -444,11 +445,20 @@ def serve(
         raise ValueError(f"{where} does not name its model; give it with --model")
     clip_model, preprocess = openclip_lite.load(model_name, device=device, download_root=download_root)
     app = create_app(index, clip_model, preprocess, model_name=model_name)
+    # bound here, so that a port in use or an unknown host is one OSError before anything says "serving"
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise OSError(f"cannot listen on {host} port {port}: {e.strerror or e}; choose another --port (0: any free one) or --host") from e
+    port = sock.getsockname()[1]  # the one chosen, for port 0
     if not _is_loopback(host):
         print(f"openclip-lite: warning: listening on {host}: anyone who can reach this machine can search these images and see their thumbnails", flush=True)
     shown = f"[{host}]" if ":" in host else host
     print(f"openclip-lite: serving {len(index)} images with {model_name} at http://{shown}:{port}/ (Ctrl+C stops)", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
 
 
 def _is_loopback(host: str) -> bool:

@@ -430,3 +430,9 @@ def test_cli_embed_checks_out_before_embedding(tmp_path, capsys):
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert "a-file" in err and "no-such-model" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_embed_with_ray_needs_a_folder_not_a_file_name(tmp_path, capsys):
+    write_images(tmp_path / "photos")
+    assert main(["embed", str(tmp_path / "photos"), "--engine", "ray", "--out", str(tmp_path / "r.safetensors"), "--model", "no-such-model"]) == 1
+    assert "--out " + str(tmp_path / "r-shards") in capsys.readouterr().err and not (tmp_path / "r.safetensors").exists()

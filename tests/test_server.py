@@ -729,3 +729,15 @@ def test_serve_command_needs_a_model_for_an_unnamed_collection(tmp_path, capsys)
     assert main(["serve", "--milvus", uri, "--collection", "unnamed", "--port", str(free_port())]) == 1
     err = capsys.readouterr().err
     assert "'unnamed'" in err and "does not name its model; give it with --model" in err and "Traceback" not in err
+
+
+def test_serve_command_on_a_port_in_use_is_one_line_before_serving(indexed, capsys):
+    from openclip_lite.cli import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        assert main(["serve", indexed[0], "--port", str(taken.getsockname()[1]), "--device", "cpu"]) == 1
+    captured = capsys.readouterr()
+    assert "serving" not in captured.out and captured.err.startswith("openclip-lite: error: cannot listen on 127.0.0.1 port")
+    assert len(captured.err.strip().splitlines()) == 1
