@@ -432,8 +432,10 @@ class ModifiedResNet(nn.Module):
         grid = self.input_resolution // 32
         if -(-h // 2) // 16 != grid or -(-w // 2) // 16 != grid:  # the map the attention pool gets: a stride-2 conv, then four halvings
             raise image_size_error(h, w, self.input_resolution)
-        # channels_last (NHWC): the layout oneDNN and cuDNN convolve fastest; every later activation inherits it
-        x = x.to(dtype=self.conv1.weight.dtype, memory_format=torch.channels_last)
+        # channels_last (NHWC): the layout oneDNN and cuDNN convolve fastest; every later activation inherits it.
+        # Not while a hook watches: it gets OpenAI's contiguous NCHW tensors, on which `.view(n, -1)` works
+        layout = torch.channels_last if unobserved(self) else torch.contiguous_format
+        x = x.to(dtype=self.conv1.weight.dtype, memory_format=layout)
         x = self.relu1(self.bn1(self.conv1(x)))
         x = self.relu2(self.bn2(self.conv2(x)))
         x = self.relu3(self.bn3(self.conv3(x)))
@@ -555,7 +557,8 @@ class CLIP(nn.Module):
 
         Only the first n = last EOT position + 1 tokens are kept: attention is causal and features are read at
         the EOT token, so later positions cannot change the result, and short prompts cost a fraction of 77.
-        `full_context` keeps all of them (a shape that does not depend on the data: intermediates, ONNX export).
+        `full_context` keeps all of them (a shape that does not depend on the data: intermediates, ONNX export),
+        and so does `torch.jit.trace`.
         """
         if text.dim() != 2 or text.is_floating_point():
             raise InputError(
@@ -568,7 +571,7 @@ class CLIP(nn.Module):
                 f"tokenize with context_length={self.context_length}"
             )
         eot = text.argmax(dim=-1)  # EOT has the largest id in the vocabulary
-        if full_context:
+        if full_context or torch.jit.is_tracing():  # a trace would keep this batch's length for every later one
             n_ctx = text.shape[-1]
         else:
             n_ctx = int(eot.max()) + 1 if text.shape[0] else 1
@@ -677,7 +680,8 @@ def model_config(state_dict: dict[str, Tensor]) -> dict:
 
     def dims(key: str, ndim: int) -> tuple[int, ...]:
         if key not in sd:
-            raise CheckpointError(f"not a CLIP state dict in OpenAI's layout: missing key {key!r}")
+            some = ", ".join(list(sd)[:3])  # another model's state dict (a torchvision ResNet...) shows in its keys
+            raise CheckpointError(f"not a CLIP state dict in OpenAI's layout: missing key {key!r} (its keys begin {some}, ...)")
         value = sd[key]
         if not isinstance(value, Tensor) or value.dim() != ndim or 0 in value.shape:
             shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__

@@ -179,3 +179,24 @@ def test_bad_inputs_raise_what_code_written_for_openai_catches(pair):
             call(ours)
         caught_by = RuntimeError if isinstance(expected.value, RuntimeError) else ValueError
         assert isinstance(info.value, caught_by), case
+
+
+@torch.no_grad()
+def test_traced_text_encoder_takes_longer_texts(pair):
+    # torch.jit.trace records shapes: traced on short prompts, the text tower must still run all 77 positions
+    ref, ours = pair
+    short, long = openai_clip.tokenize(["a dog", "a cat"]), openai_clip.tokenize(TEXTS[-1:] * 2)
+    traced = torch.jit.trace_module(ours, {"encode_text": (short,)}, check_trace=False)
+    assert relative_error(traced.encode_text(long), ref.encode_text(long)) < 1e-5
+
+
+@torch.no_grad()
+def test_resnet_hooks_get_openai_layout():
+    # a hook that flattens a stage's output with .view, as written for OpenAI's contiguous tensors
+    ref = reference_model("tiny-rn")
+    ours = build_model(ref.state_dict())
+    flat = []
+    handle = ours.visual.layer4.register_forward_hook(lambda module, args, out: flat.append(out.view(out.shape[0], -1)))
+    ours.encode_image(images(ref))
+    handle.remove()
+    assert flat[0].shape[0] == 2
