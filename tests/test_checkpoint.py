@@ -564,3 +564,12 @@ print(status("VmHWM") - before, sum(t.numel() * t.element_size() for t in state_
     growth, loaded, before = map(int, result.stdout.split())
     assert loaded == weights
     assert growth < 1.3 * weights, f"reading {weights / 2**20:.0f} MiB of weights took {growth / 2**20:.0f} MiB at the peak (over {before / 2**20:.0f} MiB)"
+
+
+def test_another_models_state_dict_shows_its_keys(tmp_path):
+    from torchvision.models import resnet18
+
+    path = tmp_path / "resnet18.pt"
+    torch.save(resnet18().state_dict(), path)
+    with pytest.raises(CheckpointError, match=r"not a CLIP state dict.*missing key 'ln_final.weight' \(its keys begin conv1.weight, bn1.weight"):
+        build_model(load_state_dict(path))
