@@ -179,6 +179,11 @@ def _download_hub(name: str, model: pretrained.Pretrained, root: str | os.PathLi
         except EntryNotFoundError as e:  # a 404 for this file in a repo that exists
             missing = e  # the next file name is the fallback
             continue
+        except (PermissionError, FileExistsError, NotADirectoryError) as e:  # the cache, not the connection
+            raise DownloadError(
+                f"Cannot write model {name!r} into the cache folder {where} ({type(e).__name__}: {e}); pass "
+                "download_root= a writable folder, or the path of a checkpoint file instead of the name."
+            ) from e
         except _HUB_ERRORS as e:
             raise DownloadError(
                 f"Downloading model {name!r} ({model.hub_repo}/{filename}) from {server} failed: "

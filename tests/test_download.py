@@ -396,6 +396,14 @@ def test_openai_unwritable_cache_is_a_download_error(hub, tiny, tmp_path):
     assert blocker.read_text() == "not a folder"
 
 
+def test_hub_unwritable_cache_is_said_to_be_the_cache(hub, tiny, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(DownloadError, match=f"Cannot write model '{NAME}' into the cache folder .*download_root"):
+        dl.download(NAME, root=blocker, progress=False)
+    assert blocker.read_text() == "not a folder"
+
+
 def test_openai_partial_files_of_a_killed_download_are_removed(hub, tiny, cache):
     cache.mkdir()
     stale = cache / f".{OPENAI_FILE}.k1ll3d.part"  # what a download killed mid-file leaves (the process never cleaned up)
