@@ -39,6 +39,8 @@ def main() -> None:
 
     # 1. embed every image of the folder; unreadable files are skipped with a warning, and `kept` says which stayed
     paths = list_images(args.images)
+    if not paths:
+        raise ValueError(f"no image files in {args.images}")
     features, kept, skipped = clip.encode_images(model, preprocess, paths, on_error="skip")
     paths = [paths[i] for i in kept]
     print(f"{len(paths)} images embedded" + (f", {len(skipped)} skipped" if skipped else ""))

@@ -159,6 +159,8 @@ def cmd_search(args: argparse.Namespace) -> None:
         raise ValueError(NO_INDEX)
     if not args.queries and not args.image:
         raise ValueError('give a text query ("two dogs in the snow") and/or --image FILE')
+    if any(not query.strip() for query in args.queries):
+        raise ValueError('a text query is empty; give words to search for, e.g. "two dogs in the snow"')
     model_name = args.model or index.model
     if not model_name:
         raise ValueError(f"{where} does not name its model; give it with --model")

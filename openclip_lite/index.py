@@ -984,7 +984,9 @@ def _read_meta(path: str) -> dict:
     """meta.json, checked: our format, a version we read, and the fields we need with the right types."""
     file = os.path.join(path, FILES["meta"])
     if not os.path.isfile(file):
-        raise IndexFileError(f"{path} is not an openclip-lite index (no meta.json); build one with build_index + save")
+        if os.path.isfile(os.path.join(path, "manifest.json")):  # what `embed --engine ray` writes
+            raise IndexFileError(f"{path} holds embedding shards, not an index; build one from them: openclip-lite index build {path} --out INDEX_DIR")
+        raise IndexFileError(f"{path} is not an openclip-lite index (no meta.json); make one with: openclip-lite embed FOLDER --out INDEX_DIR (or build_index(...).save)")
     try:
         with open(file, encoding="utf-8") as f:
             meta = json.load(f)

@@ -106,7 +106,8 @@ def list_images(inputs: PathLike | Iterable[PathLike]) -> list[str]:
     """The image files named by `inputs`: each folder is listed recursively, each file is kept as given.
 
     In a folder, files count as images by extension (case-insensitive: jpg, jpeg, png, webp, bmp, gif, tif,
-    tiff); hidden files and folders (names starting with ".", e.g. macOS "._x.jpg" resource forks) are left out.
+    tiff); hidden files and folders (names starting with ".", e.g. macOS "._x.jpg" resource forks) are left out,
+    and so are links to folders (a link back up the tree would never end; name such a folder directly).
     A folder's files come sorted by path, so that the same folder gives the same order (and the same index rows)
     on every machine. A file named directly is kept whatever its extension: naming it is asking for it. A file
     reached twice (a folder and a file in it, or the same folder twice) is listed once, where it first comes.
@@ -513,8 +514,8 @@ def open_search_index(path: PathLike):
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no index or embeddings file at {path}; make one with: openclip-lite embed FOLDER --out {path}")
-    if is_embeddings_file(path):
-        return load_embeddings(path)
+    if is_embeddings_file(path) or (os.path.isfile(path) and path.lower().endswith(EMBEDDINGS_SUFFIXES)):
+        return load_embeddings(path)  # for a damaged one, its error says what is wrong with the file
     return _index_module(path).load_index(path)
 
 

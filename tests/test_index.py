@@ -569,3 +569,9 @@ def test_cli_search_and_tune_a_faiss_index_smaller_than_k(tmp_path, capsys):
     assert len(answer) == len(images) and answer[0]["path"] == os.path.join(assets, "red_circle.jpg")
     assert main(["index", "tune", index]) == 0
     assert "recall@5 1.000" in capsys.readouterr().out
+
+
+def test_a_shards_folder_is_not_an_index_and_says_how_to_make_one(tmp_path):
+    (tmp_path / "manifest.json").write_text("{}")  # what `embed --engine ray` leaves beside its Parquet shards
+    with pytest.raises(IndexFileError, match=f"{tmp_path} holds embedding shards, not an index.*openclip-lite index build"):
+        load_index(tmp_path)

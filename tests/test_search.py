@@ -393,6 +393,9 @@ def test_cli_embed_and_search(vit, tmp_path, capsys):
 def test_cli_errors_are_one_line(tmp_path, capsys):
     assert main(["search", str(tmp_path / "none.pt"), "a dog"]) == 1
     assert "no index or embeddings file" in capsys.readouterr().err
+    (tmp_path / "empty.safetensors").write_bytes(b"")  # an interrupted copy: said to be no embeddings file, not "not a folder"
+    assert main(["search", str(tmp_path / "empty.safetensors"), "a dog"]) == 1
+    assert "is not an embeddings file" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
     assert main(["embed", str(tmp_path / "empty"), "--out", str(tmp_path / "x.pt"), "--model", "ViT-B/32"]) == 1
     assert "no image files" in capsys.readouterr().err
@@ -404,6 +407,7 @@ def test_cli_query_after_options_and_bad_numbers(vit, tmp_path, capsys):
     out = tmp_path / "index.pt"
     assert main(["embed", str(tmp_path / "photos"), "--out", str(out), "--model", checkpoint, "--device", "cpu", "--num-workers", "0"]) == 0
     capsys.readouterr()
+    assert main(["search", str(out), " "]) == 1 and "a text query is empty" in capsys.readouterr().err
     # the query after an option is still a query (argparse alone would call it an unrecognized argument)
     assert main(["search", str(out), "-k", "2", "--device", "cpu", "two dogs in the snow"]) == 0
     blocks = results(capsys.readouterr().out)
