@@ -42,15 +42,15 @@ class QuickGELU(nn.Module):
 
 
 def unobserved(*modules: nn.Module) -> bool:
-    """Whether no hook watches these modules or any module inside them (nor a global module hook).
+    """Whether no hook watches these modules or any module inside them.
 
     Only then may a tower compute around its modules' own forward, leaving out positions no one reads or folding a
     weight into another product: a hook must see what OpenAI's module would give it. Checked at every call (a few
-    microseconds), so a hook added or removed at any time takes effect at the next call.
+    microseconds), so a hook added or removed at any time takes effect at the next call. Global module hooks
+    (`register_module_forward_hook`) do not count: profilers such as `FlopCounterMode` use them to measure the
+    code as it runs, not to read a module's output.
     """
     hooks = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-    if any(getattr(nn.modules.module, "_global" + name, None) for name in hooks):
-        return False
     return not any(getattr(m, name, None) for module in modules for m in module.modules() for name in hooks)
 
 
@@ -197,7 +197,7 @@ class Transformer(nn.Module):
         """
         *blocks, last = self.resblocks
         for block in blocks:
-            x, _ = block.attend(x, batch_first=True)
+            x = block(x, batch_first=True)  # called, so that wrappers (activation checkpointing) take part
         return last.forward_rows(x, rows)
 
     def forward_intermediates(self, x: Tensor, need_weights: bool = False) -> tuple[Tensor, list[Tensor], list[Tensor]]:
@@ -205,7 +205,8 @@ class Transformer(nn.Module):
         every block's attention maps."""
         hidden, maps = [], []
         for block in self.resblocks:
-            x, weights = block.attend(x, True, need_weights)
+            # called where no maps are wanted, so that hooks and wrappers on the blocks take part as in `forward`
+            x, weights = block.attend(x, True, need_weights) if need_weights else (block(x, batch_first=True), None)
             hidden.append(x)
             if need_weights:
                 maps.append(weights)
@@ -466,7 +467,7 @@ class ModifiedResNet(nn.Module):
         """
         take = take_indices(4, indices)
         stages = self.stages(x)
-        features, weights = self.attnpool.pool(stages[-1], need_weights)
+        features, weights = self.attnpool.pool(stages[-1], need_weights) if need_weights else (self.attnpool(stages[-1]), None)
         out = {
             "image_features": features,
             "image_intermediates": [stages[i] for i in take],

@@ -200,3 +200,57 @@ def test_resnet_hooks_get_openai_layout():
     ours.encode_image(images(ref))
     handle.remove()
     assert flat[0].shape[0] == 2
+
+
+@torch.no_grad()
+def test_profilers_measure_the_fast_path():
+    # FlopCounterMode watches every module through global hooks; those do not switch the shortcuts off, so it
+    # counts what runs: on short prompts, far fewer FLOPs than OpenAI's full context
+    from torch.utils.flop_counter import FlopCounterMode
+
+    ref = reference_model("tiny-vit")
+    ours = build_model(ref.state_dict())
+    tokens = openai_clip.tokenize(["a dog", "a cat"])
+    counted = []
+    for model in (ref, ours):
+        with FlopCounterMode(display=False) as counter:
+            model.encode_text(tokens)
+        counted.append(counter.get_total_flops())
+    assert counted[1] < counted[0] / 5
+
+
+class Wrapper(nn.Module):
+    """What activation-checkpointing wrappers look like: the block inside, attributes passed through."""
+
+    calls = 0
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.inner = block
+
+    def forward(self, *args, **kwargs):
+        Wrapper.calls += 1
+        return self.inner(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.inner, name)
+
+
+@torch.no_grad()
+def test_wrapped_blocks_are_called_and_hooks_fire_in_intermediates():
+    ref = reference_model("tiny-vit")
+    ours = build_model(ref.state_dict())
+    blocks = ours.transformer.resblocks
+    for i in range(len(blocks)):
+        blocks[i] = Wrapper(blocks[i])
+    Wrapper.calls = 0
+    tokens = openai_clip.tokenize(TEXTS)
+    assert relative_error(ours.encode_text(tokens), ref.encode_text(tokens)) < 1e-5
+    assert Wrapper.calls == len(blocks) - 1  # every block but the last, which computes one token per text
+    seen, handles = hook_outputs([ours.visual.transformer.resblocks[0]])
+    ours.forward_intermediates(image=images(ref))
+    handles[0].remove()
+    assert len(seen) == 1
