@@ -117,8 +117,8 @@ def load(
     return model, _transform(model.visual.input_resolution)
 
 
-# the dtypes CLIP's weights can be cast to and computed in (torch.float64 too: for numerical checks)
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# the dtypes CLIP's weights are cast to (`convert_weights`: LayerNorm and BatchNorm stay fp32 and compute in fp32)
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _resolve_device(device: Union[str, torch.device, None]) -> torch.device:

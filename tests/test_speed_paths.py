@@ -135,3 +135,16 @@ def test_cuda_reduced_precision_with_autotuning_matches_reference(arch, dtype):
     tolerance = 1e-2 if dtype == torch.float16 else 3e-2
     assert relative_error(image_out.float(), expected_image) < tolerance
     assert relative_error(text_out.float(), expected_text) < tolerance
+
+
+def test_load_refuses_dtypes_it_cannot_compute_in():
+    import os
+
+    import openclip_lite
+
+    demo = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "assets", "demo-model.safetensors")
+    for dtype in (torch.float64, torch.int8, "float16"):  # float64: BatchNorm and LayerNorm stay fp32 and would clash
+        with pytest.raises(ValueError, match="dtype must be one of torch.float32, torch.float16, torch.bfloat16"):
+            openclip_lite.load(demo, device="cpu", dtype=dtype)
+    model, _ = openclip_lite.load(demo, device="cpu", dtype=torch.bfloat16)
+    assert model.dtype == torch.bfloat16
