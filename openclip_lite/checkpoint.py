@@ -161,9 +161,9 @@ def _unwrap(obj: Any, path: str) -> dict[str, Tensor]:
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict of tensors")
     if not obj:
         raise CheckpointError(f"{path} holds an empty dict, not a state dict of tensors")
-    for prefix in ("module.", "_orig_mod."):  # DataParallel / DDP, torch.compile
-        if all(isinstance(k, str) and k.startswith(prefix) for k in obj):
-            obj = {k[len(prefix) :]: v for k, v in obj.items()}
+    prefixes = ("module.", "_orig_mod.")  # DataParallel / DDP, torch.compile; in either order when both were used
+    while prefix := next((p for p in prefixes if all(isinstance(k, str) and k.startswith(p) for k in obj)), None):
+        obj = {k[len(prefix) :]: v for k, v in obj.items()}
     bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, Tensor)]
     if bad:
         raise CheckpointError(f"{path} is not a state dict of tensors: entry {bad[0]!r} is a {type(obj[bad[0]]).__name__}")

@@ -108,7 +108,7 @@ def _lookup(name: str) -> pretrained.Pretrained:
     available = list(pretrained.MODELS)
     close = difflib.get_close_matches(name, available, n=3, cutoff=0.6)
     hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-    if os.sep in name or os.path.splitext(name)[1]:  # it looks like a path
+    if os.path.splitext(name)[1]:  # it looks like a file name (model names have no extension; ViT ones have a "/")
         hint += f" There is no file at {os.path.abspath(name)}."
     raise UnknownModelError(
         f"Model {name!r} not found; available models: {', '.join(available)}.{hint} "
@@ -129,6 +129,7 @@ def _how_to_get(name: str, source: str) -> str:
 
 def _download_hub(name: str, model: pretrained.Pretrained, root: str | os.PathLike | None, progress: bool) -> str:
     cache_dir = os.fspath(root) if root is not None else None
+    corrupt = None
     for filename in pretrained.HUB_FILES:
         # The released weights never change, so a verified cached file is used without asking the Hub.
         cached = try_to_load_from_cache(model.hub_repo, filename, cache_dir=cache_dir)
@@ -136,6 +137,16 @@ def _download_hub(name: str, model: pretrained.Pretrained, root: str | os.PathLi
             continue
         if _hub_file_is_intact(cached) is not False:  # None: no hash kept to check against; it was checked when downloaded
             return cached
+        corrupt = (filename, cached)
+        break
+
+    # Users of OpenAI's `clip` have its archives in ~/.cache/clip (or their download_root): verified, they serve.
+    openai_file = os.path.join(os.path.expanduser(cache_dir or OPENAI_ROOT), model.filename)
+    if _matches(openai_file, model.sha256):
+        return openai_file
+
+    if corrupt is not None:
+        filename, cached = corrupt
         if is_offline():
             raise ChecksumError(
                 f"The cached {filename} of model {name!r} ({os.path.realpath(cached)}) is corrupt and offline mode "
@@ -143,12 +154,6 @@ def _download_hub(name: str, model: pretrained.Pretrained, root: str | os.PathLi
             )
         warnings.warn(f"{cached} is corrupt (SHA256 mismatch); downloading it again", stacklevel=3)
         _forget_hub_file(cached)
-        break
-
-    # Users of OpenAI's `clip` have its archives in ~/.cache/clip (or their download_root): verified, they serve.
-    openai_file = os.path.join(os.path.expanduser(cache_dir or OPENAI_ROOT), model.filename)
-    if _matches(openai_file, model.sha256):
-        return openai_file
 
     where = cache_dir or hf_constants.HF_HUB_CACHE
     if is_offline():
@@ -300,7 +305,10 @@ def _download_openai(name: str, model: pretrained.Pretrained, root: str | os.Pat
 
 
 def _matches(path: str, sha256: str) -> bool:
-    return os.path.isfile(path) and _sha256(path) == sha256
+    try:
+        return os.path.isfile(path) and _sha256(path) == sha256
+    except OSError:  # there but unreadable: not a file to trust (writing a good one in its place says why if it fails)
+        return False
 
 
 def _fetch_verified(name: str, url: str, sha256: str, target: str, progress: bool) -> None:

@@ -119,6 +119,7 @@ def test_wrappers_are_unwrapped(micro, tmp_path):
         {f"module.{k}": v for k, v in expected.items()},  # DataParallel, DDP
         {"model": expected, "epoch": 3},  # a training script's checkpoint (timm, many others)
         {"model": {f"_orig_mod.{k}": v for k, v in expected.items()}},  # a torch.compile'd model's state dict
+        {f"_orig_mod.module.{k}": v for k, v in expected.items()},  # torch.compile around DDP
     ]
     for i, wrapped in enumerate(wrappers):
         torch.save(wrapped, tmp_path / f"{i}.pt")

@@ -160,6 +160,8 @@ def test_unknown_name_lists_models_and_suggests_a_close_match(server):
     assert all(name in message for name in pretrained.available_models())
     assert "Did you mean 'ViT-B/32'" in message
     assert isinstance(info.value, ValueError) and isinstance(info.value, RuntimeError)  # what `clip` callers catch
+    assert "no file at" not in str(pytest.raises(UnknownModelError, dl.download, "ViT-B/33").value)  # a typo, not a path
+    assert "There is no file at " in str(pytest.raises(UnknownModelError, dl.download, "weights/clip.pt").value)
     assert server.requests() == []
 
 
