@@ -134,11 +134,11 @@ NO_INDEX = "give the index (what `embed --out` wrote), or --milvus URI --collect
 
 def _open_milvus(args: argparse.Namespace) -> "MilvusIndex":
     """The collection that `--milvus URI --collection NAME [--token T]` name, open."""
-    from .milvus import MilvusIndex
+    from .milvus import MilvusIndex, _is_remote
 
     if not args.collection:
         raise ValueError("--milvus needs --collection NAME")
-    if "://" not in args.milvus and not os.path.exists(args.milvus):  # a Lite file: opening would create an empty one
+    if not _is_remote(args.milvus) and not os.path.exists(os.path.expanduser(args.milvus)):  # a Lite file: opening would create an empty one
         raise FileNotFoundError(f"no Milvus Lite file at {args.milvus}; make one with: openclip-lite index to-milvus SHARDS_DIR --uri {args.milvus} --collection {args.collection}")
     return MilvusIndex(args.milvus, args.collection, token=args.token)
 
@@ -148,7 +148,7 @@ def cmd_search(args: argparse.Namespace) -> None:
 
     import openclip_lite as clip
 
-    from .search import open_search_index
+    from .search import IMAGE_EXTENSIONS, open_search_index
 
     if args.milvus:  # no index file then: the first positional argument is a query
         args.queries = ([args.index_path] if args.index_path else []) + args.queries
@@ -161,6 +161,9 @@ def cmd_search(args: argparse.Namespace) -> None:
         raise ValueError('give a text query ("two dogs in the snow") and/or --image FILE')
     if any(not query.strip() for query in args.queries):
         raise ValueError('a text query is empty; give words to search for, e.g. "two dogs in the snow"')
+    for query in args.queries:  # `--image a.jpg b.jpg` leaves b.jpg as a text query: say so rather than search for it
+        if os.path.isfile(query) and os.path.splitext(query)[1].lower() in IMAGE_EXTENSIONS:
+            raise ValueError(f"{query!r} is an image file given as a text query; search by it with --image {query} (one --image per file)")
     model_name = args.model or index.model
     if not model_name:
         raise ValueError(f"{where} does not name its model; give it with --model")
@@ -232,8 +235,9 @@ def cmd_index_info(args: argparse.Namespace) -> None:
 
 
 def _check_writable(out: str) -> None:
-    """Raise OSError now if nothing can be written where `out` goes (its folder, or the folder it would be)."""
-    folder = os.path.dirname(os.path.abspath(out))
+    """Raise OSError now if nothing can be written where `out` goes: into it if it is a folder (a FAISS index is
+    written inside), else into the folder that holds it or would."""
+    folder = os.path.abspath(out) if os.path.isdir(out) else os.path.dirname(os.path.abspath(out))
     while not os.path.exists(folder):  # the folders save_* would create: the first existing one must take them
         folder = os.path.dirname(folder)
     with tempfile.TemporaryFile(dir=folder if os.path.isdir(folder) else None):

@@ -446,12 +446,18 @@ def serve(
     clip_model, preprocess = openclip_lite.load(model_name, device=device, download_root=download_root)
     app = create_app(index, clip_model, preprocess, model_name=model_name)
     # bound here, so that a port in use or an unknown host is one OSError before anything says "serving"
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    host = host.strip("[]")  # an IPv6 address as URLs write it
+    sock = None
     try:
-        sock.bind((host, port))
-    except OSError as e:
-        sock.close()
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # "::" means IPv6 only, as asyncio binds it
+        sock.bind(address)
+    except OSError as e:  # socket.gaierror for an unknown host is one too
+        if sock is not None:
+            sock.close()
         raise OSError(f"cannot listen on {host} port {port}: {e.strerror or e}; choose another --port (0: any free one) or --host") from e
     port = sock.getsockname()[1]  # the one chosen, for port 0
     if not _is_loopback(host):

@@ -408,6 +408,8 @@ def test_cli_query_after_options_and_bad_numbers(vit, tmp_path, capsys):
     assert main(["embed", str(tmp_path / "photos"), "--out", str(out), "--model", checkpoint, "--device", "cpu", "--num-workers", "0"]) == 0
     capsys.readouterr()
     assert main(["search", str(out), " "]) == 1 and "a text query is empty" in capsys.readouterr().err
+    # `--image a.jpg b.jpg` leaves b.jpg a text query: refused with the fix, not searched for as words
+    assert main(["search", str(out), "--image", good[0], good[1]]) == 1 and f"--image {good[1]}" in capsys.readouterr().err
     # the query after an option is still a query (argparse alone would call it an unrecognized argument)
     assert main(["search", str(out), "-k", "2", "--device", "cpu", "two dogs in the snow"]) == 0
     blocks = results(capsys.readouterr().out)
