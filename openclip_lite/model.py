@@ -230,33 +230,30 @@ class VisionTransformer(nn.Module):
 
     def embed(self, x: Tensor) -> Tensor:
         """x : shape = (batch_size, 3, res, res) -> tokens (batch_size, grid ** 2 + 1, width), class token first"""
-        # conv1 (kernel = stride = patch) is one matmul over the image's patch x patch tiles, each flattened as the
-        # kernel is (channel, row, column); on the CPU ~20% faster than the convolution, and the tokens come out
-        # in (n, grid ** 2, width) order. Pixels past the last whole tile are dropped, as the convolution drops them.
         n, channels, h, w = x.shape
-        p, gh, gw = self.patch_size, h // self.patch_size, w // self.patch_size
+        p, gh, gw = self.patch_size, h // self.patch_size, w // self.patch_size  # the grid the convolution makes
         if gh * gw + 1 != self.positional_embedding.shape[0]:
             raise image_size_error(h, w, self.input_resolution)
-        tiles = x.type(self.conv1.weight.dtype)[:, :, : gh * p, : gw * p].reshape(n, channels, gh, p, gw, p)
-        tiles = tiles.permute(0, 2, 4, 1, 3, 5).reshape(n, gh * gw, channels * p * p)
-        x = tiles @ self.conv1.weight.view(self.conv1.out_channels, -1).t()  # (n, grid ** 2, width)
+        if type(self.conv1) is nn.Conv2d and unobserved(self.conv1):
+            # conv1 (kernel = stride = patch) is one matmul over the image's patch x patch tiles, each flattened as
+            # the kernel is (channel, row, column); on the CPU ~20% faster than the convolution, and the tokens come
+            # out in (n, grid ** 2, width) order. Pixels past the last whole tile are dropped, as the convolution does.
+            tiles = x.type(self.conv1.weight.dtype)[:, :, : gh * p, : gw * p].reshape(n, channels, gh, p, gw, p)
+            tiles = tiles.permute(0, 2, 4, 1, 3, 5).reshape(n, gh * gw, channels * p * p)
+            x = tiles @ self.conv1.weight.view(self.conv1.out_channels, -1).t()  # (n, grid ** 2, width)
+        else:  # a hooked or replaced conv1 is called, as in OpenAI's model
+            x = self.conv1(x).flatten(2).transpose(1, 2)  # (n, grid ** 2, width)
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
         return self.ln_pre(x)
 
     def forward(self, x: Tensor) -> Tensor:
         """x : shape = (batch_size, 3, res, res) -> (batch_size, output_dim)"""
-        if unobserved(self) and type(self.conv1) is nn.Conv2d:
+        if unobserved(self):
             cls = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)  # the class token is the one read out
             return self.ln_post(self.transformer.forward_rows(self.embed(x), cls)) @ self.proj
-        # watched: OpenAI's steps, each module called on everything it gets in OpenAI's model
-        n, _, h, w = x.shape
-        x = self.conv1(x)  # (n, width, grid, grid)
-        if x.shape[2] * x.shape[3] + 1 != self.positional_embedding.shape[0]:
-            raise image_size_error(h, w, self.input_resolution)
-        x = x.flatten(2).transpose(1, 2)
-        x = torch.cat([self.class_embedding.to(x.dtype).expand(n, 1, -1), x], dim=1) + self.positional_embedding.to(x.dtype)
-        x = self.transformer(self.ln_pre(x).transpose(0, 1)).transpose(0, 1)
+        # watched: every position through every block, each module called on what it gets in OpenAI's model
+        x = self.transformer(self.embed(x).transpose(0, 1)).transpose(0, 1)
         return self.ln_post(x[:, 0, :]) @ self.proj
 
     def forward_intermediates(self, x: Tensor, indices: "int | list[int] | None" = None, need_weights: bool = False) -> dict:
