@@ -141,7 +141,7 @@ def _download_hub(name: str, model: pretrained.Pretrained, root: str | os.PathLi
         break
 
     # Users of OpenAI's `clip` have its archives in ~/.cache/clip (or their download_root): verified, they serve.
-    openai_file = os.path.join(os.path.expanduser(cache_dir or OPENAI_ROOT), model.filename)
+    openai_file = _openai_file(model, root)
     if _matches(openai_file, model.sha256):
         return openai_file
 
@@ -185,10 +185,7 @@ def _download_hub(name: str, model: pretrained.Pretrained, root: str | os.PathLi
             missing = e  # the next file name is the fallback
             continue
         except (PermissionError, FileExistsError, NotADirectoryError) as e:  # the cache, not the connection
-            raise DownloadError(
-                f"Cannot write model {name!r} into the cache folder {where} ({type(e).__name__}: {e}); pass "
-                "download_root= a writable folder, or the path of a checkpoint file instead of the name."
-            ) from e
+            raise _unwritable(name, where, e) from e
         except _HUB_ERRORS as e:
             raise DownloadError(
                 f"Downloading model {name!r} ({model.hub_repo}/{filename}) from {server} failed: "
@@ -265,9 +262,21 @@ class _SilentBar(tqdm):
 # ---- openai --------------------------------------------------------------------------------------------------------
 
 
+def _openai_file(model: pretrained.Pretrained, root: str | os.PathLike | None) -> str:
+    """Where the "openai" source keeps a model's archive: `<root>/<file>`, by default in ~/.cache/clip."""
+    return os.path.join(os.path.expanduser(os.fspath(root) if root is not None else OPENAI_ROOT), model.filename)
+
+
+def _unwritable(name: str, folder: str, e: OSError) -> DownloadError:
+    return DownloadError(
+        f"Cannot write model {name!r} into the cache folder {folder} ({type(e).__name__}: {e}); pass "
+        "download_root= a writable folder, or the path of a checkpoint file instead of the name."
+    )
+
+
 def _download_openai(name: str, model: pretrained.Pretrained, root: str | os.PathLike | None, progress: bool) -> str:
-    root = os.path.expanduser(os.fspath(root) if root is not None else OPENAI_ROOT)
-    target = os.path.join(root, model.filename)
+    target = _openai_file(model, root)
+    folder = os.path.dirname(target)
     # Checked before taking the lock, so a read-only cache with good files works.
     if _matches(target, model.sha256):
         return target
@@ -278,29 +287,20 @@ def _download_openai(name: str, model: pretrained.Pretrained, root: str | os.Pat
             f"Model {name!r} ({target}) {state} and offline mode is on (HF_HUB_OFFLINE / {OFFLINE_ENV}). "
             + _how_to_get(name, "openai")
         )
-    try:
-        os.makedirs(root, exist_ok=True)
-        lock = FileLock(target + ".lock")
-        lock.acquire()
-    except OSError as e:  # a file where the folder should be, a read-only folder
-        raise DownloadError(
-            f"Cannot write model {name!r} into the cache folder {root} ({type(e).__name__}: {e}); pass "
-            "download_root= a writable folder, or the path of a checkpoint file instead of the name."
-        ) from e
-    try:
-        # Another process may have finished this file while we waited for the lock.
-        if _matches(target, model.sha256):
-            return target
-        if os.path.exists(target):
-            warnings.warn(f"{target} exists, but its SHA256 does not match; downloading it again", stacklevel=3)
-        # Holding the lock, no other process is writing this file: partial files left by a killed download are stale.
-        for stale in glob.glob(os.path.join(glob.escape(root), f".{glob.escape(model.filename)}.*.part")):
-            os.remove(stale)
-        _fetch_verified(name, openai_url(model), model.sha256, target, progress)
-    except OSError as e:
-        raise DownloadError(f"Cannot write model {name!r} into the cache folder {root} ({type(e).__name__}: {e}); pass download_root= a writable folder.") from e
-    finally:
-        lock.release()
+    try:  # network failures are DownloadErrors already (_stream); an OSError here is the cache folder's
+        os.makedirs(folder, exist_ok=True)
+        with FileLock(target + ".lock"):
+            # Another process may have finished this file while we waited for the lock.
+            if _matches(target, model.sha256):
+                return target
+            if os.path.exists(target):
+                warnings.warn(f"{target} exists, but its SHA256 does not match; downloading it again", stacklevel=3)
+            # Holding the lock, no other process is writing this file: partial files of a killed download are stale.
+            for stale in glob.glob(os.path.join(glob.escape(folder), f".{glob.escape(model.filename)}.*.part")):
+                os.remove(stale)
+            _fetch_verified(name, openai_url(model), model.sha256, target, progress)
+    except OSError as e:  # a file where the folder should be, a read-only folder, a full disk
+        raise _unwritable(name, folder, e) from e
     return target
 
 
