@@ -99,17 +99,16 @@ def cmd_embed(args: argparse.Namespace) -> None:
 def cmd_embed_ray(args: argparse.Namespace) -> None:
     """`embed --engine ray`: Parquet shards and a manifest in --out, embedded on a Ray cluster; resumable."""
     from .distributed import DEFAULT_SHARD_SIZE, embed
-
-    local_only = [
-        flag
-        for flag, value in (("--index", args.index), ("--memory-budget", args.memory_budget), ("--num-workers", args.num_workers), ("--strict", args.strict), ("--device", args.device))
-        if value
-    ]
     from .search import EMBEDDINGS_SUFFIXES
 
     if args.out.lower().endswith(EMBEDDINGS_SUFFIXES):
         stem = os.path.splitext(args.out)[0]
         raise ValueError(f"--engine ray writes a folder of Parquet shards, and {args.out} names one file; give a folder, e.g. --out {stem}-shards")
+    local_only = [
+        flag
+        for flag, value in (("--index", args.index), ("--memory-budget", args.memory_budget), ("--num-workers", args.num_workers), ("--strict", args.strict), ("--device", args.device))
+        if value
+    ]
     if local_only:
         raise ValueError(
             f"{', '.join(local_only)} only apply to --engine local; with --engine ray, --out is a folder of Parquet "
@@ -240,10 +239,10 @@ def _check_writable(out: str) -> None:
     folder = os.path.abspath(out) if os.path.isdir(out) else os.path.dirname(os.path.abspath(out))
     while not os.path.exists(folder):  # the folders save_* would create: the first existing one must take them
         folder = os.path.dirname(folder)
-    with tempfile.TemporaryFile(dir=folder if os.path.isdir(folder) else None):
-        pass
     if not os.path.isdir(folder):
         raise NotADirectoryError(f"cannot write {out}: {folder} is a file, not a folder")
+    with tempfile.TemporaryFile(dir=folder):  # PermissionError (or another OSError) when it cannot be written
+        pass
 
 
 def cmd_index_tune(args: argparse.Namespace) -> None:

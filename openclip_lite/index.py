@@ -984,7 +984,9 @@ def _read_meta(path: str) -> dict:
     """meta.json, checked: our format, a version we read, and the fields we need with the right types."""
     file = os.path.join(path, FILES["meta"])
     if not os.path.isfile(file):
-        if os.path.isfile(os.path.join(path, "manifest.json")):  # what `embed --engine ray` writes
+        from .distributed import MANIFEST_NAME  # no Ray needed to import it
+
+        if os.path.isfile(os.path.join(path, MANIFEST_NAME)):  # what `embed --engine ray` writes beside its shards
             raise IndexFileError(f"{path} holds embedding shards, not an index; build one from them: openclip-lite index build {path} --out INDEX_DIR")
         raise IndexFileError(f"{path} is not an openclip-lite index (no meta.json); make one with: openclip-lite embed FOLDER --out INDEX_DIR (or build_index(...).save)")
     try:
