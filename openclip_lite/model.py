@@ -556,7 +556,7 @@ class CLIP(nn.Module):
         Only the first n = last EOT position + 1 tokens are kept: attention is causal and features are read at
         the EOT token, so later positions cannot change the result, and short prompts cost a fraction of 77.
         `full_context` keeps all of them (a shape that does not depend on the data: intermediates, ONNX export),
-        and so does `torch.jit.trace`.
+        and so do `torch.jit.trace` and `torch.export`; `torch.compile` keeps the shortcut (also with fullgraph=True).
         """
         if text.dim() != 2 or text.is_floating_point():
             raise InputError(
@@ -569,10 +569,12 @@ class CLIP(nn.Module):
                 f"tokenize with context_length={self.context_length}"
             )
         eot = text.argmax(dim=-1)  # EOT has the largest id in the vocabulary
-        if full_context or torch.jit.is_tracing():  # a trace would keep this batch's length for every later one
+        if full_context or torch.jit.is_tracing() or torch.compiler.is_exporting():  # a traced or exported graph would keep this batch's length for every later one
             n_ctx = text.shape[-1]
         else:
             n_ctx = int(eot.max()) + 1 if text.shape[0] else 1
+            torch._check(n_ctx >= 1)  # bounds that let torch.compile(fullgraph=True) slice by a data-dependent length
+            torch._check(n_ctx <= text.shape[-1])
         x = self.token_embedding(text[:, :n_ctx]).type(self.dtype)
         return x + self.positional_embedding[:n_ctx].type(self.dtype), eot
 

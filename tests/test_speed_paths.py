@@ -114,6 +114,35 @@ def test_torch_compile_matches_reference(tiny, freezing):
         assert relative_error(encode_text(text[:2]), text_features[:2]) < 1e-5
 
 
+@pytest.mark.slow
+def test_fullgraph_compile_and_export_match_reference(tiny):
+    # one graph for the whole tower: what CUDA graphs ("reduce-overhead") and torch.export need; the text tower's
+    # length comes from the data, so the compiled graph slices by it and the exported one runs the whole context
+    ref, image, text, (image_features, text_features) = tiny
+    model = build_model(ref.state_dict())
+    torch._dynamo.reset()
+    encode_image = torch.compile(model.encode_image, fullgraph=True)
+    encode_text = torch.compile(model.encode_text, fullgraph=True)
+    with torch.no_grad():
+        assert relative_error(encode_image(image), image_features) < 1e-5
+        assert relative_error(encode_text(text), text_features) < 1e-5
+        assert relative_error(encode_text(text[:2]), text_features[:2]) < 1e-5
+
+    class TextTower(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, text):
+            return self.model.encode_text(text)
+
+    batch = torch.export.Dim("batch", min=1, max=64)
+    exported = torch.export.export(TextTower(model), (text[:2],), dynamic_shapes=({0: batch},)).module()
+    with torch.no_grad():  # exported with two short prompts, run with the long one and the empty one too
+        assert relative_error(exported(text), text_features) < 1e-5
+        assert relative_error(exported(text[2:3]), text_features[2:3]) < 1e-5
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("arch", ["ViT-B/32", "RN50"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
