@@ -18,6 +18,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 DEMO_LABELS = [f"{color} {shape}" for color in ("red", "green", "blue", "yellow", "purple", "orange") for shape in ("circle", "square", "triangle")]
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("images", nargs="*", help="image files (default: the sample images in examples/assets)")
@@ -26,7 +33,7 @@ def main() -> int:
     parser.add_argument("--template", action="append", help='a prompt template with {} (repeatable; default "a photo of a {}.")')
     parser.add_argument("--model", default=os.path.join(HERE, "assets", "demo-model.safetensors"), help="a released model name or a checkpoint path (default: the demo model, which knows the default labels)")
     parser.add_argument("--device", help="cpu, cuda or mps (default: the best available)")
-    parser.add_argument("--top-k", type=int, default=3)
+    parser.add_argument("--top-k", type=positive_int, default=3)
     args = parser.parse_args()
 
     images = args.images or sorted(os.path.join(HERE, "assets", f) for f in os.listdir(os.path.join(HERE, "assets")) if f.endswith(".jpg"))

@@ -2,14 +2,16 @@
 
 import os
 import random
+import re
 import subprocess
 import sys
 
 import pytest
 import torch
-from reference import openai_clip, reference_model, relative_error
+from reference import TINY, ReferenceCLIP, openai_clip, reference_model, relative_error
 
 import openclip_lite as clip
+from openclip_lite.tokenizer import TextTooLongError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "examples", "assets", "demo-model.safetensors")
@@ -29,12 +31,27 @@ def models(tmp_path_factory):
     return ref, model, preprocess
 
 
-def reference_classifier(ref, classnames, templates):
+@pytest.fixture(scope="module")
+def short_context_models(tmp_path_factory):
+    """A tiny ViT whose positional embedding has 32 rows, not 77: OpenAI's and ours, the same weights."""
+    config = list(TINY["tiny-vit"])
+    config[5] = 32  # context_length
+    torch.manual_seed(0)
+    ref = ReferenceCLIP(*config).float().eval()
+    path = tmp_path_factory.mktemp("zs32") / "tiny32.pt"
+    torch.save(ref.state_dict(), path)
+    model, preprocess = clip.load(str(path), device="cpu")
+    assert model.context_length == 32
+    return ref, model, preprocess
+
+
+def reference_classifier(ref, classnames, templates, truncate=False):
     """CLIP's prompt ensembling, written out with OpenAI's code."""
     columns = []
     with torch.no_grad():
         for name in classnames:
-            f = ref.encode_text(openai_clip.tokenize([t.format(name) for t in templates]))
+            tokens = openai_clip.tokenize([t.format(name) for t in templates], context_length=ref.context_length, truncate=truncate)
+            f = ref.encode_text(tokens)
             f = f / f.norm(dim=-1, keepdim=True)
             mean = f.mean(dim=0)
             columns.append(mean / mean.norm())
@@ -81,10 +98,121 @@ def test_classify_equals_reference(models, tmp_path):
     assert relative_error(clip.classify(model, preprocess, batch, CLASSES, templates=TEMPLATES), expected) < 1e-5
 
 
+def reference_probs(ref, images, classnames, templates, truncate=False):
+    """classify's answer, written out with OpenAI's code: softmax of scaled cosine similarities."""
+    preprocess = openai_clip.clip._transform(ref.visual.input_resolution)
+    with torch.no_grad():
+        f = ref.encode_image(torch.stack([preprocess(im) for im in images]))
+        f = f / f.norm(dim=-1, keepdim=True)
+        return (ref.logit_scale.exp() * f @ reference_classifier(ref, classnames, templates, truncate)).softmax(dim=-1)
+
+
+def test_short_context_model(short_context_models):
+    # prompts are tokenized to the model's 32 positions, not to the usual 77
+    ref, model, preprocess = short_context_models
+    actual = clip.zero_shot_classifier(model, CLASSES, TEMPLATES)
+    assert actual.shape == (32, len(CLASSES))
+    assert relative_error(actual, reference_classifier(ref, CLASSES, TEMPLATES)) < 1e-5
+    images = [draw(label, random.Random(1)) for label in LABELS]
+    probs = clip.classify(model, preprocess, images, CLASSES, templates=TEMPLATES)
+    assert relative_error(probs, reference_probs(ref, images, CLASSES, TEMPLATES)) < 1e-5
+
+
+def test_truncate(short_context_models):
+    ref, model, preprocess = short_context_models
+    classes = ["dog", "a very long label " * 8]  # ~33 tokens: past 32 positions
+    with pytest.raises(TextTooLongError, match="truncate=True"):
+        clip.zero_shot_classifier(model, classes, TEMPLATES)
+    with pytest.raises(TextTooLongError, match="truncate=True"):
+        clip.classify(model, preprocess, [draw(LABELS[0], random.Random(2))], classes)
+    actual = clip.zero_shot_classifier(model, classes, TEMPLATES, truncate=True)
+    assert relative_error(actual, reference_classifier(ref, classes, TEMPLATES, truncate=True)) < 1e-5
+    images = [draw(label, random.Random(2)) for label in LABELS]
+    probs = clip.classify(model, preprocess, images, classes, templates=TEMPLATES, truncate=True)
+    assert relative_error(probs, reference_probs(ref, images, classes, TEMPLATES, truncate=True)) < 1e-5
+
+
+@pytest.mark.parametrize("template", ["a photo of {} {{x}}", "{{}} {}", "{} }}{{"])
+def test_templates_with_literal_braces(short_context_models, template):
+    # {{ and }} are str.format's literal braces, so these have exactly one slot
+    ref, model, _ = short_context_models
+    actual = clip.zero_shot_classifier(model, CLASSES, [template])
+    assert relative_error(actual, reference_classifier(ref, CLASSES, [template])) < 1e-5
+
+
+@pytest.mark.parametrize("template", ["a {} }", "a { {}", "a photo", "{} and {}", "a {0}", "a {!r}", "a {:>{}}"])
+def test_bad_template_is_named(short_context_models, template):
+    _, model, _ = short_context_models
+    with pytest.raises(ValueError, match=f"template {re.escape(repr(template))} needs exactly one {{}}"):
+        clip.zero_shot_classifier(model, CLASSES, ["a photo of a {}.", template])
+
+
+def test_generators_are_read_once(short_context_models):
+    ref, model, preprocess = short_context_models
+    actual = clip.zero_shot_classifier(model, (c for c in CLASSES), (t for t in TEMPLATES))
+    assert relative_error(actual, reference_classifier(ref, CLASSES, TEMPLATES)) < 1e-5
+    images = [draw(label, random.Random(3)) for label in LABELS]
+    probs = clip.classify(model, preprocess, iter(images), (c for c in CLASSES), templates=(t for t in TEMPLATES))
+    assert relative_error(probs, reference_probs(ref, images, CLASSES, TEMPLATES)) < 1e-5
+
+
+@pytest.mark.parametrize("batch_size", [0, -1])
+def test_batch_size_must_be_positive(short_context_models, batch_size):
+    _, model, preprocess = short_context_models
+    images = [draw(LABELS[0], random.Random(4))]
+    with pytest.raises(ValueError, match="batch_size must be at least 1"):
+        clip.zero_shot_classifier(model, CLASSES, batch_size=batch_size)
+    with pytest.raises(ValueError, match="batch_size must be at least 1"):
+        clip.classify(model, preprocess, images, CLASSES, batch_size=batch_size)
+    with pytest.raises(ValueError, match="batch_size must be at least 1"):
+        clip.image_features(model, preprocess, torch.stack([preprocess(images[0])]), batch_size=batch_size)
+
+
+def test_one_image_alone(short_context_models, tmp_path):
+    # a single path (str or pathlib.Path) or PIL image is one image, as a list of one is
+    ref, model, preprocess = short_context_models
+    image = draw(LABELS[1], random.Random(5))
+    image.save(tmp_path / "one.png")
+    expected = reference_probs(ref, [image], CLASSES, TEMPLATES)
+    for single in (image, str(tmp_path / "one.png"), tmp_path / "one.png"):
+        probs = clip.classify(model, preprocess, single, CLASSES, templates=TEMPLATES)
+        assert probs.shape == (1, len(CLASSES))
+        assert relative_error(probs, expected) < 1e-5
+
+
+def test_empty_templates_raise(short_context_models):
+    # no templates is a mistake in both; only None (left out) means the default
+    _, model, preprocess = short_context_models
+    with pytest.raises(ValueError, match="at least one template"):
+        clip.zero_shot_classifier(model, CLASSES, [])
+    with pytest.raises(ValueError, match="at least one template"):
+        clip.classify(model, preprocess, [draw(LABELS[0], random.Random(6))], CLASSES, templates=[])
+
+
 def test_top_k():
     probs = torch.tensor([[0.1, 0.7, 0.2], [0.5, 0.2, 0.3]])
     assert clip.top_k(probs, ["a", "b", "c"], k=2) == [[("b", pytest.approx(0.7)), ("c", pytest.approx(0.2))], [("a", pytest.approx(0.5)), ("c", pytest.approx(0.3))]]
     assert len(clip.top_k(probs, ["a", "b", "c"], k=10)[0]) == 3
+
+
+def test_top_k_one_row():
+    # a 1-D probs is one image's row: the answer is a list of one row, as for probs[None]
+    assert clip.top_k(torch.tensor([0.1, 0.7, 0.2]), ["a", "b", "c"], k=2) == [[("b", pytest.approx(0.7)), ("c", pytest.approx(0.2))]]
+
+
+@pytest.mark.parametrize(
+    "probs, labels, k, message",
+    [
+        (torch.tensor([[0.1, 0.7, 0.2]]), ["a", "b"], 1, "3 columns but 2 labels"),
+        (torch.tensor([[0.1, 0.7, 0.2]]), ["a", "b", "c", "d"], 1, "3 columns but 4 labels"),
+        (torch.tensor([[0.1, 0.7, 0.2]]), ["a", "b", "c"], 0, "k must be at least 1"),
+        (torch.tensor([[0.1, 0.7, 0.2]]), ["a", "b", "c"], -2, "k must be at least 1"),
+        (torch.zeros(2, 2, 3), ["a", "b", "c"], 1, r"shape \(num_images, num_labels\)"),
+    ],
+)
+def test_top_k_bad_arguments(probs, labels, k, message):
+    with pytest.raises(ValueError, match=message):
+        clip.top_k(probs, labels, k)
 
 
 def test_contrastive_loss_equals_direct_computation():
