@@ -17,6 +17,8 @@ from .errors import (
     MissingDependencyError,
     OpenCLIPLiteError,
     ShardError,
+    TextTooLongError,
+    TextTypeError,
     UnknownModelError,
     UnsafeCheckpointError,
 )
@@ -53,6 +55,8 @@ __all__ = [
     "__version__",
     "OpenCLIPLiteError",
     "UnknownModelError",
+    "TextTooLongError",
+    "TextTypeError",
     "CheckpointError",
     "UnsafeCheckpointError",
     "DownloadError",

@@ -35,6 +35,14 @@ class ChecksumError(DownloadError):
     """A downloaded file whose SHA256 does not match the published one."""
 
 
+class TextTooLongError(OpenCLIPLiteError, RuntimeError):
+    """A text whose tokens do not fit the context length (a RuntimeError, as OpenAI's `clip.tokenize` raises)."""
+
+
+class TextTypeError(OpenCLIPLiteError, TypeError):
+    """Something other than a str (or a list of str) given to the tokenizer."""
+
+
 class ImageError(OpenCLIPLiteError, ValueError):
     """An image that cannot be opened or decoded."""
 

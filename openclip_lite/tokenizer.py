@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from .errors import OpenCLIPLiteError
+from .errors import TextTooLongError, TextTypeError
 
 if TYPE_CHECKING:
     import regex
@@ -61,14 +61,6 @@ _END_OF_TEXT = f" {_END_OF_TEXT_WORD} "
 
 # Texts per batch in `tokenize`: its words and ids are held at once, so memory stays flat on millions of texts.
 _BATCH = 4096
-
-
-class TextTooLongError(OpenCLIPLiteError, RuntimeError):
-    """A text whose tokens do not fit the context length (a RuntimeError, as OpenAI's `clip.tokenize` raises)."""
-
-
-class TextTypeError(OpenCLIPLiteError, TypeError):
-    """Something other than a str (or a list of str) given to the tokenizer."""
 
 
 def bytes_to_unicode() -> dict[int, str]:

@@ -396,3 +396,23 @@ def test_one_cuda_model_from_many_threads(vit):
     path, _, _ = vit
     model, _ = clip.load(str(path), device="cuda")  # fp16, as OpenAI's
     assert_threads_match_one_thread(model, "cuda")
+
+
+def test_the_readmes_error_table_holds():
+    # every row of the README's table: importable as clip.<name>, an OpenCLIPLiteError and the builtins it names
+    import builtins
+    import os
+    import re
+
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    table = readme[readme.index("| error | also a | raised for |") :].split("\n\n")[0]
+    rows = [line.split("|")[1:3] for line in table.splitlines()[2:]]
+    assert len(rows) >= 10
+    for names, bases in rows:
+        for name in re.findall(r"`(\w+)`", names):
+            error = getattr(clip, name)
+            assert issubclass(error, OpenCLIPLiteError), name
+            for base in re.findall(r"`(\w+)`", bases.split("(")[0]):
+                expected = getattr(builtins, base, None) or getattr(clip, base)
+                assert issubclass(error, expected), f"{name} is not a {base}"
