@@ -173,7 +173,7 @@ def embed(
                 raise ValueError(f"no image files in {description}")
         model_name, state_dict, n_px, dim = _read_model(model, download_root)
         job = _Job(_OutputFolder(output), model_name, dim, shard_size, paths)
-        pending = job.prepare()
+        pending = job.prepare(description if isinstance(source, (str, os.PathLike)) else None)
         if paths is None or pending:  # a complete output needs no Ray at all
             started = started or _connect(ray, address, runtime_env)
             pool = _pool_size(ray, actors, num_gpus, num_cpus)
@@ -500,6 +500,11 @@ def _open(path: str, filesystems: dict[str, tuple[Any, int]]) -> Any:
 # ---------------------------------------------------------------------------------------------------- output
 
 
+def _place(source: str) -> str:
+    """A folder, glob or URI as one spelling: "photos", "./photos/" and its absolute path are one source."""
+    return source.rstrip("/") if _is_uri(source) else os.path.abspath(os.path.expanduser(source))
+
+
 class _OutputFolder:
     """The output folder on its pyarrow filesystem: list, read a shard's metadata, write atomically, remove."""
 
@@ -610,9 +615,11 @@ class _Job:
         slice_paths = self.paths[start : start + self.shard_size]
         return hashlib.sha256("\n".join(slice_paths).encode("utf-8", "surrogatepass")).hexdigest()
 
-    def prepare(self) -> list[int]:
+    def prepare(self, source: str | None) -> list[int]:
         """Clean the folder of what no run will use (temporary files, the old manifest, shards of other inputs)
-        and return the numbers of the shards to write. Raises EmbedError for a folder holding files not ours."""
+        and return the numbers of the shards to write. Raises EmbedError for a folder holding files not ours, or
+        the complete output of an embed of another folder, glob or URI than `source` (None: a list or a Dataset,
+        not compared)."""
         names = self.folder.names()
         manifest = self.folder.path(MANIFEST_NAME)
         if MANIFEST_NAME in names:
@@ -623,6 +630,12 @@ class _Job:
                 old = None
             if not isinstance(old, dict) or old.get("format") != FORMAT:
                 raise EmbedError(f"{manifest} was not written by openclip-lite's embed; give an empty or new folder")
+            if isinstance(old.get("source"), str) and isinstance(source, str) and _place(old["source"]) != _place(source):
+                # its shards would all be redone for the new inputs: a finished job lost to a mistyped --out
+                raise EmbedError(
+                    f"{self.folder.name} holds the finished embed of {old['source']} ({old.get('count')} images); "
+                    f"embedding {source} there would replace it: give a new folder, or delete that one first"
+                )
         keep = {self.shard_name(n): n for n in range(self.shard_count() or 0)}
         for name in names:
             if name.startswith(SHARD_PREFIX) and TEMPORARY_MARK in name:

@@ -150,6 +150,13 @@ def _as_matrix(x: ArrayLike, dim: int, what: str) -> Tensor:
     return x
 
 
+def _check_nonzero(x: Tensor, what: str) -> None:
+    """A zero row has no direction, so no cosine similarity: an error, as in `Index`."""
+    zero = (x == 0).all(dim=1)
+    if zero.any():
+        raise MilvusIndexError(f"{what} row {int(zero.nonzero()[0])} is all zeros, which has no cosine similarity; drop it.")
+
+
 class MilvusIndex:
     """Cosine search over a Milvus collection, with `Index`'s verbs: `add`, `search -> (scores, ids)`, `len`.
 
@@ -161,6 +168,7 @@ class MilvusIndex:
     params : build knobs in Milvus's names: `nlist` for IVF_*, `M` and `efConstruction` for HNSW
     token : "user:password" or an API key, for servers with authentication
     batch_size : rows per insert request, so that adding millions of rows streams
+    create : False to only open: a missing collection is then an error naming those there are
     """
 
     def __init__(
@@ -173,6 +181,7 @@ class MilvusIndex:
         params: dict | None = None,
         token: str | None = None,
         batch_size: int = 10_000,
+        create: bool = True,
     ):
         if batch_size < 1:
             raise MilvusIndexError(f"batch_size must be a positive integer, got {batch_size}.")
@@ -207,6 +216,9 @@ class MilvusIndex:
         try:
             if self._client.has_collection(collection):
                 self._open(dim, model, index_type)
+            elif not create:
+                there = ", ".join(repr(name) for name in sorted(self._client.list_collections())) or "none"
+                raise MilvusIndexError(f"Collection '{collection}' does not exist at {uri}; the collections there: {there}.")
             else:
                 self._create(pymilvus, dim, model, index_type or "FLAT", params or {})
         except BaseException:
@@ -278,30 +290,51 @@ class MilvusIndex:
         """Insert features, in requests of `batch_size` rows.
 
         features : torch.Tensor or np.ndarray, shape = (n, dim) or (dim,); L2-normalised here
-        ids : int64, shape = (n,); by default len(index), len(index) + 1, ... (give ids when several writers add)
+        ids : int64, shape = (n,), none of them in the collection yet; by default len(index), len(index) + 1, ...
+            (give ids when several writers add, or after adding rows with ids of your own)
         paths : n strings (image paths or URLs) kept with the rows
+
+        Nothing is inserted when an argument is refused: Milvus Lite would overwrite a row whose id is taken, and a
+        Milvus server would keep both, so taken ids are an error here, as in `Index.add`.
         """
         features = _as_matrix(features, self.dim, "features")
+        _check_nonzero(features, "features")
         n = features.shape[0]
         features = torch.nn.functional.normalize(features, dim=1).numpy()
+        given = ids is not None
         if ids is None:
             start = len(self)
             ids = torch.arange(start, start + n, dtype=torch.int64)
         else:
-            ids = (ids if isinstance(ids, Tensor) else torch.from_numpy(np.array(ids))).reshape(-1)
-            if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.shape[0] != n:
+            values = (ids.detach().cpu().numpy() if isinstance(ids, Tensor) else np.array(ids)).reshape(-1)
+            if not np.issubdtype(values.dtype, np.integer) or values.shape[0] != n:
                 raise MilvusIndexError(
-                    f"ids must be {n} integers (one per feature row), got {ids.dtype} {tuple(ids.shape)}."
+                    f"ids must be {n} integers (one per feature row), got {values.dtype} {tuple(values.shape)}."
                 )
-            if n and int(ids.min()) < 0:
+            if n and int(values.min()) < 0:
                 raise MilvusIndexError("ids must be non-negative; -1 marks a missing result in search.")
+            if n and int(values.max()) > INT64_MAX:  # uint64 ids: Milvus's primary key is INT64
+                raise MilvusIndexError(f"ids must fit in int64 (at most {INT64_MAX}), got {int(values.max())}.")
+            ids = torch.from_numpy(values.astype(np.int64))
             if torch.unique(ids).shape[0] != n:
                 raise MilvusIndexError("ids must be unique; Milvus keeps one row per id.")
         if paths is None:
             paths = [""] * n
         elif isinstance(paths, str) or len(paths) != n:
             raise MilvusIndexError(f"paths must be a list of {n} strings (one per feature row).")
+        else:
+            paths = [os.fspath(p) for p in paths]
+            long = [i for i, p in enumerate(paths) if len(p.encode("utf-8", "surrogatepass")) > MAX_PATH_LENGTH]
+            if long:
+                raise MilvusIndexError(
+                    f"paths[{long[0]}] is longer than the {MAX_PATH_LENGTH} bytes a Milvus VARCHAR holds; store a "
+                    f"shorter key (a relative path, a hash) for it."
+                )
         ids_list = ids.tolist()
+        taken = self._taken(ids_list)
+        if taken:
+            hint = "give new ids" if given else "give ids= (the collection's ids are not 0 .. len - 1)"
+            raise MilvusIndexError(f"ids already in collection '{self.collection}': {taken[:5]}; {hint}.")
         for start in range(0, n, self.batch_size):
             stop = min(start + self.batch_size, n)
             rows = [
@@ -321,12 +354,15 @@ class MilvusIndex:
         returns (scores, ids): float32 and int64 tensors, shape = (q, k); rows short of k results end in
             score -inf and id -1
         """
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise MilvusIndexError(f"k must be a positive integer, got {k!r}.")
+        k = int(k)
         knobs = {name: value for name, value in (("nprobe", nprobe), ("ef", ef)) if value is not None}
         if self.kind in INDEX_TYPES:
             knobs = _check_positive_ints(knobs, INDEX_TYPES[self.kind][1], self.kind, "search parameter")
-        queries = _as_matrix(queries, self.dim, "queries").numpy()
+        queries = _as_matrix(queries, self.dim, "queries")
+        _check_nonzero(queries, "queries")
+        queries = queries.numpy()
         scores = torch.full((len(queries), k), float("-inf"), dtype=torch.float32)
         ids = torch.full((len(queries), k), -1, dtype=torch.int64)
         for start in range(0, len(queries), SEARCH_BATCH):
@@ -342,6 +378,14 @@ class MilvusIndex:
                     scores[row, col] = hit["distance"]
                     ids[row, col] = hit["id"]
         return scores, ids
+
+    def _taken(self, ids: list[int]) -> list[int]:
+        """Those of `ids` that the collection holds, sorted."""
+        taken: list[int] = []
+        for start in range(0, len(ids), GET_BATCH):
+            rows = self._client.get(self.collection, ids=ids[start : start + GET_BATCH], output_fields=[ID_FIELD])
+            taken.extend(row[ID_FIELD] for row in rows)
+        return sorted(taken)
 
     def get_paths(self, ids: ArrayLike) -> list[str | None]:
         """The path stored with each id (None for an id that is not in the collection, -1, or added without one)."""
@@ -401,7 +445,9 @@ def load_shards_into_milvus(
 
     Shards are read in file-name order, `batch_size` rows at a time; a row's id is its position across them.
     `model` and `dim` come from the directory's manifest.json when there is one. A collection that already holds
-    rows is taken as an interrupted load of the same shards, and the load goes on after its last row.
+    rows is taken as an interrupted load of the same shards, and the load goes on after its last row; it is
+    checked to be one (its first row of each shard and its last row must be the shards' own), else
+    MilvusIndexError: appending after rows of other shards would skip some images and repeat others.
     """
     from .shards import open_shards
 
@@ -425,6 +471,8 @@ def load_shards_into_milvus(
                 f"Collection '{collection}' already holds {done} rows, more than the {total} in {shards_dir}; load "
                 f"into a new collection."
             )
+        if done:
+            _check_loaded_prefix(index, shards, done, shards_dir)
         for position, paths, features in shards.batches(batch_size, start=done):
             index.add(features, ids=torch.arange(position, position + len(paths)), paths=paths)
         index.flush()
@@ -432,3 +480,22 @@ def load_shards_into_milvus(
         index.close()
         raise
     return index
+
+
+def _check_loaded_prefix(index: MilvusIndex, shards: Any, done: int, shards_dir: Any) -> None:
+    """The collection's `done` rows must be the first `done` rows of `shards`, for a load to go on after them."""
+    starts = np.concatenate([[0], np.cumsum(shards.counts)[:-1]])
+    rows = sorted({int(s) for s in starts if s < done} | {done - 1})
+    expected = torch.nn.functional.normalize(torch.from_numpy(shards.take(np.array(rows))), dim=1)
+    found = {
+        row[ID_FIELD]: row[VECTOR_FIELD]
+        for row in index._client.get(index.collection, ids=rows, output_fields=[VECTOR_FIELD])
+    }
+    for row, vector in zip(rows, expected):
+        stored = found.get(row)
+        if stored is None or not torch.allclose(torch.tensor(stored, dtype=torch.float32), vector, atol=1e-5):
+            raise MilvusIndexError(
+                f"Collection '{index.collection}' holds {done} rows, but its row {row} is not row {row} of the shards "
+                f"in {shards_dir}: it was loaded from other shards (or from a folder with a shard missing); load "
+                f"into a new collection."
+            )

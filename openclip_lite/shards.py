@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .distributed import MANIFEST_NAME
+from .distributed import FORMAT, MANIFEST_NAME, METADATA_KEY
 from .errors import ShardError, require
 
 __all__ = ["ShardError", "Shards", "open_shards"]
@@ -122,11 +122,22 @@ def open_shards(folder: str | os.PathLike) -> Shards:
         raise ShardError(f"{folder} holds no Parquet shards (*.parquet); make them with: openclip-lite embed SOURCE --engine ray --out {folder}")
     manifest = _manifest(filesystem, f"{root}/{MANIFEST_NAME}") if MANIFEST_NAME in names else {}
     counts, dim = [], manifest.get("dim")
+    inputs = 0  # where the next shard of an embed job must start: its shards cover the inputs without a gap
     for file in files:
         parquet = pq.ParquetFile(filesystem.open_input_file(file))
         missing = {PATH_COLUMN, EMBEDDING_COLUMN} - set(parquet.schema_arrow.names)
         if missing:
             raise ShardError(f"{file} lacks the column(s) {sorted(missing)}; it is not an embedding shard: move it out of {folder}")
+        job = _job_metadata(parquet.schema_arrow)
+        if job is not None:
+            if job["start"] != inputs:
+                # a job still running writes shards as they finish, in any order: reading past a missing one would
+                # number every later row wrongly (and a Milvus load resumed later would skip and repeat rows)
+                raise ShardError(
+                    f"{file} starts at input {job['start']} but the shards before it end at input {inputs}: a shard is "
+                    f"missing, so the embed writing {folder} has not finished; run it to the end (it resumes) first"
+                )
+            inputs = job["stop"]
         counts.append(parquet.metadata.num_rows)
         if dim is None and parquet.metadata.num_rows:  # no manifest (a job still running, or shards made elsewhere)
             first = next(parquet.iter_batches(batch_size=1, columns=[EMBEDDING_COLUMN])).column(0)
@@ -139,6 +150,18 @@ def open_shards(folder: str | os.PathLike) -> Shards:
             f"or removed after the job: rerun the same embed to bring them back in line"
         )
     return Shards(folder, filesystem, files, counts, int(dim), manifest.get("model"))
+
+
+def _job_metadata(schema: Any) -> dict | None:
+    """The slice of inputs an embed shard covers ({"start", "stop"}), from its footer; None for other Parquet files."""
+    try:
+        meta = json.loads((schema.metadata or {}).get(METADATA_KEY, b"null"))
+    except ValueError:
+        return None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        return None
+    start, stop = meta.get("start"), meta.get("stop")
+    return {"start": start, "stop": stop} if isinstance(start, int) and isinstance(stop, int) else None
 
 
 def _manifest(filesystem: Any, file: str) -> dict:

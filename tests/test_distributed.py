@@ -196,6 +196,36 @@ def test_complete_output_is_left_as_is(clean_run, checkpoint, image_dir):
         assert os.stat(output / name).st_mtime_ns == stat.st_mtime_ns
 
 
+def test_finished_output_of_another_source_is_kept(clean_run, checkpoint, image_dir, tmp_path):
+    # a mistyped --out naming an earlier job's folder: redoing its shards for the new inputs would lose that job
+    output = tmp_path / "earlier"
+    shutil.copytree(clean_run[1], output)
+    before = {name: (output / name).read_bytes() for name in os.listdir(output)}
+    with pytest.raises(EmbedError, match=f"holds the finished embed of {image_dir}"):
+        embed(str(image_dir / "group0"), checkpoint, output, progress=False)
+    assert {name: (output / name).read_bytes() for name in os.listdir(output)} == before
+    # the same folder spelt another way is the same source: nothing to redo
+    again = embed(str(image_dir) + "/", checkpoint, output, batch_size=BATCH_SIZE, shard_size=SHARD_SIZE, progress=False)
+    assert again.written == [] and again.reused == clean_run[0].shards
+
+
+def test_readers_refuse_a_folder_with_a_shard_missing(clean_run, tmp_path):
+    # a job still running writes shards as they finish: numbering rows past a missing one would be wrong
+    from openclip_lite.milvus import load_shards_into_milvus
+    from openclip_lite.shards import ShardError, open_shards
+
+    output = tmp_path / "running"
+    shutil.copytree(clean_run[1], output)
+    (output / MANIFEST_NAME).unlink()
+    assert len(open_shards(output)) == clean_run[0].count  # every shard there, no manifest yet: readable
+    (output / clean_run[0].shards[2]).unlink()
+    stop = SHARD_SIZE * 2
+    with pytest.raises(ShardError, match=f"starts at input {SHARD_SIZE * 3} but the shards before it end at input {stop}"):
+        open_shards(output)
+    with pytest.raises(ShardError, match="has not finished"):
+        load_shards_into_milvus(output, tmp_path / "m.db", "photos")
+
+
 # ---------------------------------------------------------------------------------------------------- failures
 
 

@@ -13,6 +13,7 @@ import textwrap
 import time
 import uuid
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -205,6 +206,53 @@ def test_invalid_arguments_raise_our_errors_before_milvus(uri, collection, tmp_p
         assert len(index) == 10
 
 
+def test_taken_ids_are_refused_and_nothing_is_inserted(uri, collection):
+    # Milvus Lite overwrites a row whose id is taken and a Milvus server keeps both: either loses an image
+    data = features(6, seed=30)
+    with MilvusIndex(uri, collection, dim=DIM) as index:
+        index.add(data[:2], ids=[1, 2], paths=["one", "two"])
+        for call, match in [
+            (lambda: index.add(data[2:5], paths=["a", "b", "c"]), r"\[2\]; give ids="),  # default ids 2, 3, 4
+            (lambda: index.add(data[5:6], ids=[1], paths=["again"]), r"\[1\]; give new ids"),
+            (lambda: index.add(data[2:4], ids=[7, 2]), r"\[2\]"),  # one new, one taken: neither goes in
+        ]:
+            with pytest.raises(MilvusIndexError, match="ids already in collection"):
+                call()
+        assert len(index) == 2
+        assert index.get_paths([1, 2, 3, 4, 7]) == ["one", "two", None, None, None]
+        torch.testing.assert_close(index.search(data[1], k=1)[1], torch.tensor([[2]]))  # its own vector still
+        index.add(data[2:5], ids=[3, 4, 5], paths=["a", "b", "c"])
+        assert len(index) == 5
+
+
+def test_rows_and_values_milvus_cannot_keep_are_refused(tmp_path):
+    with MilvusIndex(tmp_path / "m.db", "c", dim=DIM) as index:
+        zero = torch.zeros(2, DIM)
+        zero[0, 0] = 1.0
+        for call, match in [
+            (lambda: index.add(zero), "row 1 is all zeros"),
+            (lambda: index.add(features(1, seed=31), paths=["x" * 65_536]), "65535 bytes"),
+            (lambda: index.add(features(1, seed=31), ids=np.array([2**63], dtype=np.uint64)), "fit in int64"),
+            (lambda: index.add(features(1, seed=31), ids=[1.5]), "integers"),
+            (lambda: index.search(torch.zeros(DIM)), "row 0 is all zeros"),
+        ]:
+            with pytest.raises(MilvusIndexError, match=match):
+                call()
+        assert len(index) == 0
+        index.add(features(3, seed=32), ids=np.array([5, 6, 7], dtype=np.uint64))
+        _, ids = index.search(features(1, seed=32), k=np.int64(2))  # numpy ints, as Index.search takes
+        assert ids.shape == (1, 2) and ids[0, 0] == 5
+
+
+def test_opening_only_names_the_collections_there(tmp_path):
+    with MilvusIndex(tmp_path / "m.db", "photos", dim=DIM):
+        pass
+    with pytest.raises(MilvusIndexError, match=r"'nope' does not exist .*the collections there: 'photos'"):
+        MilvusIndex(tmp_path / "m.db", "nope", create=False)
+    with MilvusIndex(tmp_path / "m.db", "photos", create=False) as index:
+        assert index.dim == DIM
+
+
 def test_search_pads_when_fewer_rows_than_k(tmp_path):
     with MilvusIndex(tmp_path / "small.db", "small", dim=DIM) as index:
         index.add(features(3, seed=9))
@@ -307,6 +355,18 @@ def test_load_shards_resumes_an_interrupted_load(tmp_path):
 
     with pytest.raises(ShardError, match="no Parquet shards"):
         load_shards_into_milvus(tmp_path, uri, "photos")
+
+
+def test_load_refuses_to_go_on_after_rows_of_other_shards(tmp_path):
+    # counting rows alone would append these shards' rows 100..199 after another folder's 100 rows
+    write_milvus_shards(tmp_path / "first", [100], seed=18)
+    write_milvus_shards(tmp_path / "second", [100, 100], seed=19)
+    uri = tmp_path / "mixed.db"
+    load_shards_into_milvus(tmp_path / "first", uri, "photos").close()
+    with pytest.raises(MilvusIndexError, match="row 0 is not row 0 of the shards"):
+        load_shards_into_milvus(tmp_path / "second", uri, "photos")
+    with MilvusIndex(uri, "photos") as index:
+        assert len(index) == 100  # nothing added
 
 
 def test_import_needs_no_pymilvus():
