@@ -36,9 +36,9 @@ def cmd_classify(args: argparse.Namespace) -> None:
     labels = [label.strip() for label in ",".join(args.labels).split(",") if label.strip()]
     if not labels:
         raise ValueError("give at least one label with --labels")
-    templates = clip.IMAGENET_TEMPLATES if args.templates == "imagenet" else args.templates and [args.templates]
+    templates = clip.IMAGENET_TEMPLATES if args.templates == "imagenet" else [args.templates] if args.templates else None
     model, preprocess = clip.load(args.model, device=args.device, download_root=args.root)
-    probs = clip.classify(model, preprocess, args.images, labels, templates=templates)
+    probs = clip.classify(model, preprocess, args.images, labels, templates=templates, truncate=args.truncate)
     results = clip.top_k(probs, labels, args.top_k)
     if args.json:
         print(json.dumps([{"image": image, "top_k": [{"label": label, "probability": p} for label, p in row]} for image, row in zip(args.images, results)], indent=2))
@@ -63,14 +63,16 @@ def cmd_embed(args: argparse.Namespace) -> None:
         raise ValueError("--address, --actors, --num-gpus and --shard-size need --engine ray")
     import openclip_lite as clip
 
-    from .search import SkippedImageWarning, list_images, save_search_index
+    from .search import SkippedImageWarning, check_search_index_target, embed_dim, list_images, save_search_index
 
     paths = list_images(args.inputs)
     if not paths:
         raise ValueError(f"no image files in {' '.join(args.inputs)} (looked for .jpg .jpeg .png .webp .bmp .gif .tif .tiff, recursively)")
     _check_writable(args.out)  # before the embedding, not after it: a typo in --out must not cost the work
     build_options = {"memory_budget": args.memory_budget} if args.memory_budget else {}
+    kind = args.index or ("auto" if args.memory_budget else None)  # a budget alone asks for the kind that fits it
     model, preprocess = clip.load(args.model, device=args.device, download_root=args.root)
+    check_search_index_target(args.out, len(paths), embed_dim(model), kind, args.memory_budget)  # likewise
     with warnings.catch_warnings():
         warnings.simplefilter("always", SkippedImageWarning)
         warnings.showwarning = _print_warning  # one plain line per skipped file; catch_warnings restores it
@@ -87,7 +89,6 @@ def cmd_embed(args: argparse.Namespace) -> None:
         raise ValueError(f"none of the {len(paths)} image files could be read; nothing was written to {args.out}")
     model_name = os.path.abspath(args.model) if os.path.isfile(args.model) else args.model  # usable from any folder
     kept_paths = [os.path.abspath(paths[i]) for i in kept]
-    kind = args.index or ("auto" if args.memory_budget else None)  # a budget alone asks for the kind that fits it
     written = save_search_index(args.out, features, kept_paths, model_name, kind=kind, **build_options)
     skipped_note = f", skipped {len(skipped)} unreadable (see the warnings above)" if skipped else ""
     print(f"embedded {len(kept)} images with {args.model}{skipped_note}: {written} written to {args.out}")
@@ -139,7 +140,7 @@ def _open_milvus(args: argparse.Namespace) -> "MilvusIndex":
         raise ValueError("--milvus needs --collection NAME")
     if not _is_remote(args.milvus) and not os.path.exists(os.path.expanduser(args.milvus)):  # a Lite file: opening would create an empty one
         raise FileNotFoundError(f"no Milvus Lite file at {args.milvus}; make one with: openclip-lite index to-milvus SHARDS_DIR --uri {args.milvus} --collection {args.collection}")
-    return MilvusIndex(args.milvus, args.collection, token=args.token)
+    return MilvusIndex(args.milvus, args.collection, token=args.token, create=False)
 
 
 def cmd_search(args: argparse.Namespace) -> None:
@@ -340,6 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", nargs="+", required=True, help='labels, space- or comma-separated: --labels "red circle,blue square"')
     p.add_argument("--templates", help='"imagenet" for the 80 templates of the CLIP paper, or one template with {} (default: "a photo of a {}.")')
     p.add_argument("--top-k", type=_positive_int, default=3)
+    p.add_argument("--truncate", action="store_true", help="cut prompts too long for the model's context instead of failing")
     p.add_argument("--model", default="ViT-B/32", help="a released model name or a checkpoint path")
     p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the best available)")
     p.add_argument("--root", help="download cache directory")

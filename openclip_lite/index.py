@@ -49,7 +49,7 @@ from torch import Tensor
 
 from .errors import IndexFileError, require
 
-__all__ = ["KINDS", "METRICS", "Index", "build_index", "estimate_bytes", "load_index", "parse_memory"]
+__all__ = ["KINDS", "METRICS", "Index", "build_index", "estimate_bytes", "load_index", "parse_memory", "plan"]
 
 ArrayLike = Union[Tensor, np.ndarray, Sequence]  # evaluated at run time: `|` needs Python 3.10
 
@@ -446,10 +446,7 @@ class Index:
         """
         faiss = _faiss()
         path = os.fspath(path)
-        if os.path.exists(path) and not os.path.isdir(path):
-            raise ValueError(f"{path} exists and is a file; an index is saved as a directory: choose another path")
-        if os.path.isdir(path) and os.listdir(path) and not os.path.exists(os.path.join(path, FILES["meta"])):
-            raise ValueError(f"{path} is a non-empty directory that holds no index; choose a new or empty directory")
+        check_save_path(path)
         os.makedirs(path, exist_ok=True)
         files: dict[str, dict] = {}
 
@@ -713,29 +710,15 @@ def build_index(
         efConstruction 40
     """
     faiss = _faiss()
-    if metric not in METRICS:
-        raise ValueError(f"unknown metric {metric!r}; use one of: {', '.join(METRICS)}")
     if target_recall is not None and not 0 < target_recall <= 1:
         raise ValueError(f"target_recall must be in (0, 1], or None to skip tuning; got {target_recall}")
-    if kind != "auto" and kind not in KINDS:
-        raise ValueError(f"unknown index kind {kind!r}; use one of: auto, {', '.join(KINDS)}")
+    _check_kind_and_metric(kind, metric)
     source = _source(features)
     n, dim = len(source), source.dim
     ids = _check_ids(ids, n, np.zeros(0, dtype=np.int64))
     paths = _check_paths(paths, n)
     model = model or source.model
-    budget = None if memory_budget is None else parse_memory(memory_budget)
-    if kind == "auto":
-        if params:
-            raise ValueError(f"kind='auto' chooses its own parameters; got {sorted(params)}: name a kind to set them")
-        kind, params = _choose(n, dim, metric, budget)
-    params = _build_params(kind, n, dim, metric, budget, params)
-    if budget is not None and estimate_bytes(kind, n, dim, metric, **params) > budget:
-        need = estimate_bytes(kind, n, dim, metric, **params)
-        raise ValueError(
-            f"a {kind} index of {n:,} vectors needs about {need:,} bytes, over memory_budget={budget:,}; "
-            f"use kind='auto' to pick one that fits, or raise the budget"
-        )
+    kind, params = plan(n, dim, kind, metric, memory_budget, **params)
     gpu = _gpu_number(device, kind)
 
     def prepare(x: np.ndarray, first_row: int = 0) -> np.ndarray:
@@ -815,6 +798,44 @@ def _source(features: ArrayLike | str | os.PathLike) -> Any:
 
         return open_shards(features)
     return _Matrix(_as_matrix(features, "features"))
+
+
+def check_save_path(path: str | os.PathLike) -> None:
+    """ValueError unless `Index.save(path)` may write there: a new path, an empty folder or a saved index."""
+    path = os.fspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{path} exists and is a file; an index is saved as a directory: choose another path")
+    if os.path.isdir(path) and os.listdir(path) and not os.path.exists(os.path.join(path, FILES["meta"])):
+        raise ValueError(f"{path} is a non-empty directory that holds no index; choose a new or empty directory")
+
+
+def _check_kind_and_metric(kind: str, metric: str) -> None:
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; use one of: {', '.join(METRICS)}")
+    if kind != "auto" and kind not in KINDS:
+        raise ValueError(f"unknown index kind {kind!r}; use one of: auto, {', '.join(KINDS)}")
+
+
+def plan(
+    n: int, dim: int, kind: str = "auto", metric: str = "cosine", memory_budget: int | str | None = None, **params: int
+) -> tuple[str, dict]:
+    """The kind and knobs `build_index` would use for n vectors of dim values; ValueError for any it would refuse
+    (unknown kind or knob, a knob n cannot support, over `memory_budget`). Needs no features: a caller can check
+    its options before spending the time to compute them."""
+    _check_kind_and_metric(kind, metric)
+    budget = None if memory_budget is None else parse_memory(memory_budget)
+    if kind == "auto":
+        if params:
+            raise ValueError(f"kind='auto' chooses its own parameters; got {sorted(params)}: name a kind to set them")
+        kind, params = _choose(n, dim, metric, budget)
+    params = _build_params(kind, n, dim, metric, budget, params)
+    if budget is not None and estimate_bytes(kind, n, dim, metric, **params) > budget:
+        need = estimate_bytes(kind, n, dim, metric, **params)
+        raise ValueError(
+            f"a {kind} index of {n:,} vectors needs about {need:,} bytes, over memory_budget={budget:,}; "
+            f"use kind='auto' to pick one that fits, or raise the budget"
+        )
+    return kind, params
 
 
 def _build_params(kind: str, n: int, dim: int, metric: str, budget: int | None, given: dict) -> dict:

@@ -260,7 +260,15 @@ def encode_images(
         raise ValueError(f"batch_size must be at least 1, not {batch_size}")
     if isinstance(images, (str, os.PathLike, Image.Image)):
         images = [images]
+    if isinstance(images, (Tensor, np.ndarray)):
+        raise TypeError(
+            "encode_images takes image files or PIL images; for preprocessed pixels (batch, 3, size, size) call "
+            "model.encode_image(pixels) and normalise its rows"
+        )
     images = list(images)
+    folders = [image for image in images if isinstance(image, (str, os.PathLike)) and os.path.isdir(image)]
+    if folders:  # not an unreadable image to skip: the caller meant the images in it
+        raise IsADirectoryError(f"{os.fspath(folders[0])} is a folder; pass list_images({os.fspath(folders[0])!r}) for the images in it")
     device = _device(model)
     if num_workers is None:
         num_workers = _default_workers(len(images), batch_size)
@@ -312,14 +320,15 @@ def encode_images(
     finally:
         bar.close()
     if features is None:
-        features = torch.empty(0, _embed_dim(model), dtype=torch.float32, device=device)
+        features = torch.empty(0, embed_dim(model), dtype=torch.float32, device=device)
     elif count < len(features):
         features = features[:count].clone()  # let the rows of skipped images go
     kept_indices = torch.cat(kept).tolist() if kept else []
     return EncodedImages(features, kept_indices, skipped)
 
 
-def _embed_dim(model: torch.nn.Module) -> int:
+def embed_dim(model: torch.nn.Module) -> int:
+    """The size of the model's features (both towers): 512 for ViT-B/32, 768 for ViT-L/14."""
     return model.text_projection.shape[1]
 
 
@@ -341,10 +350,10 @@ def encode_texts(model: torch.nn.Module, texts: str | Sequence[str], batch_size:
     device = _device(model)
     tokens = tokenize(texts, context_length=model.context_length, truncate=truncate)
     if len(tokens) == 0:
-        return torch.empty(0, _embed_dim(model), dtype=torch.float32, device=device)
+        return torch.empty(0, embed_dim(model), dtype=torch.float32, device=device)
     lengths = tokens.argmax(dim=-1)  # the end-of-text token has the largest id
     order = lengths.argsort(descending=True, stable=True)
-    features = torch.empty(len(tokens), _embed_dim(model), dtype=torch.float32, device=device)
+    features = torch.empty(len(tokens), embed_dim(model), dtype=torch.float32, device=device)
     for start in range(0, len(tokens), batch_size):
         rows = order[start : start + batch_size]
         batch = model.encode_text(tokens[rows].to(device)).float()
@@ -392,12 +401,19 @@ def search(
         raise ValueError(f"chunk_size must be at least 1, not {chunk_size}")
     device = torch.device(device) if device is not None else index.device
     k = min(k, len(index))
-    queries = F.normalize(queries.to(device, torch.float32), dim=-1)
+    queries = queries.to(device, torch.float32)
+    _check_finite(queries, "queries")
+    if (queries == 0).all(dim=1).any():
+        row = int((queries == 0).all(dim=1).nonzero()[0])
+        raise ValueError(f"query {row} is all zeros, which has no cosine similarity; drop it")
+    queries = F.normalize(queries, dim=-1)
     # the running top-k of every query; -inf loses to any cosine, and k <= n real rows replace every one of them
     best_scores = torch.full((len(queries), k), float("-inf"), device=device)
     best_indices = torch.full((len(queries), k), -1, dtype=torch.long, device=device)
     for start in range(0, len(index), chunk_size):
-        rows = F.normalize(index[start : start + chunk_size].to(device, torch.float32), dim=-1)  # once per chunk
+        rows = index[start : start + chunk_size].to(device, torch.float32)
+        _check_finite(rows, "index", start)  # a NaN row would outrank every other (NaN sorts first in topk)
+        rows = F.normalize(rows, dim=-1)  # once per chunk; an all-zero row scores 0
         for first in range(0, len(queries), QUERY_BLOCK):  # so that only (QUERY_BLOCK, chunk_size) scores exist
             block = slice(first, first + QUERY_BLOCK)
             scores, indices = (queries[block] @ rows.T).topk(min(k, len(rows)), dim=1)
@@ -405,7 +421,17 @@ def search(
             indices = torch.cat([best_indices[block], indices + start], dim=1)
             best_scores[block], order = scores.topk(k, dim=1)
             best_indices[block] = indices.gather(1, order)
-    return best_scores, best_indices
+    # equal scores in row order, whatever the chunks were (topk orders ties arbitrarily)
+    best_indices, order = best_indices.sort(dim=1, stable=True)
+    best_scores, order2 = best_scores.gather(1, order).sort(dim=1, descending=True, stable=True)
+    return best_scores, best_indices.gather(1, order2)
+
+
+def _check_finite(x: Tensor, what: str, first_row: int = 0) -> None:
+    finite = torch.isfinite(x).all(dim=1)
+    if not finite.all():
+        row = first_row + int((~finite).nonzero()[0])
+        raise ValueError(f"{what} row {row} holds NaN or infinite values; check the encoder's output")
 
 
 # ---------------------------------------------------------------------------------------------------- files
@@ -425,9 +451,13 @@ def save_embeddings(path: PathLike, features: Tensor, paths: Sequence[str], mode
     path = os.fspath(path)
     if len(features) != len(paths):
         raise ValueError(f"{len(features)} feature rows but {len(paths)} paths; they must match one to one")
+    paths = [os.fspath(p) for p in paths]  # TypeError for anything but str and PathLike
+    features = features.detach().float().cpu()
+    if len(features):
+        _check_finite(features, "features")
     paths_bytes = np.frombuffer(json.dumps(list(paths), ensure_ascii=False).encode("utf-8"), dtype=np.uint8)
-    tensors = {"features": features.detach().float().cpu().contiguous(), "paths": torch.from_numpy(paths_bytes.copy())}
-    metadata = {"format": EMBEDDINGS_FORMAT, "version": EMBEDDINGS_VERSION, "model": model}
+    tensors = {"features": features.contiguous(), "paths": torch.from_numpy(paths_bytes.copy())}
+    metadata = {"format": EMBEDDINGS_FORMAT, "version": EMBEDDINGS_VERSION, "model": model or ""}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     temporary = f"{path}.tmp{os.getpid()}"
     try:
@@ -493,17 +523,37 @@ def save_search_index(path: PathLike, features: Tensor, paths: Sequence[str], mo
     Returns "embeddings" or "index".
     """
     path = os.fspath(path)
-    if path.lower().endswith(EMBEDDINGS_SUFFIXES) and not os.path.isdir(path):
-        if kind not in (None, "flat") or build_options:
-            raise ValueError(
-                f"{path} names a single embeddings file, which is always searched exactly (flat); for a "
-                f"{kind or 'tuned'} FAISS index give a folder name instead, e.g. {os.path.splitext(path)[0]}"
-            )
+    if _is_single_file(path, kind, build_options):
         save_embeddings(path, features, paths, model)
         return "embeddings"
     build_index = _index_module(path).build_index
     build_index(features, kind=kind or "flat", paths=list(paths), model=model, **build_options).save(path)
     return "index"
+
+
+def check_search_index_target(path: PathLike, n: int, dim: int, kind: str | None = None, memory_budget: int | str | None = None) -> None:
+    """Raise now what `save_search_index` would refuse for n features of dim values, before they are computed:
+    a kind a single file cannot be, a missing [index] extra, an unknown kind, a memory budget the index cannot
+    fit, a file or a foreign folder where the index folder would go."""
+    path = os.fspath(path)
+    options = {"memory_budget": memory_budget} if memory_budget is not None else {}
+    if _is_single_file(path, kind, options):
+        return
+    index = _index_module(path)
+    index.plan(n, dim, kind or "flat", **options)
+    index.check_save_path(path)
+
+
+def _is_single_file(path: str, kind: str | None, build_options: dict) -> bool:
+    """Whether `path` names one embeddings file; ValueError when it does but `kind` / `build_options` ask for FAISS."""
+    if not path.lower().endswith(EMBEDDINGS_SUFFIXES) or os.path.isdir(path):
+        return False
+    if kind not in (None, "flat") or build_options:
+        raise ValueError(
+            f"{path} names a single embeddings file, which is always searched exactly (flat); for a "
+            f"{kind or 'tuned'} FAISS index give a folder name instead, e.g. {os.path.splitext(path)[0]}"
+        )
+    return True
 
 
 def open_search_index(path: PathLike):

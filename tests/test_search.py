@@ -204,6 +204,15 @@ def test_broken_files_raise_by_default(vit, tmp_path):
         clip.encode_images(model, preprocess, good, on_error="ignore")
 
 
+def test_tensors_and_folders_are_not_taken_for_images(vit, tmp_path):
+    _, model, preprocess, _ = vit
+    with pytest.raises(TypeError, match="model.encode_image"):
+        clip.encode_images(model, preprocess, torch.zeros(2, 3, 32, 32))
+    write_images(tmp_path / "photos")
+    with pytest.raises(IsADirectoryError, match="list_images"):
+        clip.encode_images(model, preprocess, tmp_path / "photos", on_error="skip")
+
+
 def test_empty_input_gives_empty_features(vit):
     ref, model, preprocess, _ = vit
     features, kept, skipped = clip.encode_images(model, preprocess, [])
@@ -275,6 +284,32 @@ def test_search_edge_cases(random_index):
         clip.search(queries, index, k=0)
 
 
+def test_search_refuses_rows_without_a_direction(random_index):
+    # a NaN row would come first for every query (NaN sorts first in topk), a zero query finds arbitrary rows
+    queries, index = random_index
+    broken = index.clone()
+    broken[1500, 3] = float("nan")
+    with pytest.raises(ValueError, match="index row 1500 holds NaN"):
+        clip.search(queries, broken, chunk_size=1000)
+    bad_queries = queries.clone()
+    bad_queries[3, 0] = float("inf")
+    with pytest.raises(ValueError, match="queries row 3 holds NaN or infinite"):
+        clip.search(bad_queries, index)
+    with pytest.raises(ValueError, match="query 0 is all zeros"):
+        clip.search(torch.zeros(48), index)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 7, 1000])
+def test_equal_scores_come_in_row_order(chunk_size):
+    # one-hot rows: every dot product is one exact multiplication, so equal rows tie exactly in every chunking
+    rows = torch.tensor([2, 0, 1, 0, 2, 1, 0, 0, 1, 2, 0])
+    index = torch.eye(4)[rows]
+    query = torch.tensor([3.0, 2.0, 1.0, 0.0])
+    expected = [i for value in (0, 1, 2) for i in range(len(rows)) if rows[i] == value]  # by score, then by row
+    _, indices = clip.search(query, index, k=len(rows), chunk_size=chunk_size)
+    assert indices[0].tolist() == expected
+
+
 @pytest.mark.slow
 def test_search_a_million_rows():
     g = torch.Generator().manual_seed(1)
@@ -321,6 +356,16 @@ def test_embeddings_file_round_trip_and_format(tmp_path):
         save_embeddings(path, features, paths[:3], "ViT-B/32")
     with pytest.raises(ValueError, match="single embeddings file"):
         save_search_index(tmp_path / "x.safetensors", features, paths, "m", kind="hnsw")
+    broken = features.clone()
+    broken[1, 0] = float("nan")
+    with pytest.raises(ValueError, match="features row 1 holds NaN"):
+        save_embeddings(tmp_path / "nan.pt", broken, paths, "m")
+    assert not (tmp_path / "nan.pt").exists()
+    save_embeddings(tmp_path / "unnamed.pt", features[:2], [tmp_path / "a.jpg", "b.jpg"], None)  # Paths, no model
+    unnamed = load_embeddings(tmp_path / "unnamed.pt")
+    assert unnamed.paths == [str(tmp_path / "a.jpg"), "b.jpg"] and unnamed.model == ""
+    with pytest.raises(TypeError):
+        save_embeddings(tmp_path / "ints.pt", features[:2], [1, 2], "m")
 
 
 class _Payload:
@@ -436,6 +481,25 @@ def test_cli_embed_checks_out_before_embedding(tmp_path, capsys):
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert "a-file" in err and "no-such-model" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_embed_checks_index_options_before_embedding(vit, tmp_path, capsys):
+    # each of these was refused only after every image had been embedded, and the work was lost
+    write_images(tmp_path / "photos")
+    write_broken(tmp_path / "photos")  # embedding would print a "skipped" line for each
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("not an index")
+    base = ["embed", str(tmp_path / "photos"), "--model", vit[3], "--device", "cpu", "--num-workers", "0"]
+    for extra, message in [
+        (["--out", str(tmp_path / "idx"), "--index", "bogus"], "unknown index kind 'bogus'"),
+        (["--out", str(tmp_path / "notes")], "non-empty directory that holds no index"),
+        (["--out", str(tmp_path / "idx"), "--index", "hnsw", "--memory-budget", "1K"], "over memory_budget"),
+        (["--out", str(tmp_path / "idx.pt"), "--index", "hnsw"], "names a single embeddings file"),
+    ]:
+        assert main(base + extra) == 1
+        err = capsys.readouterr().err
+        assert message in err and "skipped" not in err, err
+    assert not (tmp_path / "idx").exists() and not (tmp_path / "idx.pt").exists()
 
 
 def test_cli_embed_with_ray_needs_a_folder_not_a_file_name(tmp_path, capsys):
