@@ -101,7 +101,7 @@ def _connect_lite(pymilvus: Any, path: str) -> Any:
         try:
             client = pymilvus.MilvusClient(uri=path)
         except pymilvus.exceptions.MilvusException as e:
-            if isinstance(keep.error, milvus_lite.DataDirLockedError):
+            if isinstance(keep.error, milvus_lite.DataDirLockedError) or _locked_elsewhere(path):
                 raise MilvusLockedError(
                     f"Milvus Lite data at '{path}' is in use by another process, which holds its lock file "
                     f"'{os.path.join(path, 'LOCK')}'; close the MilvusIndex (or MilvusClient) there first, or share "
@@ -113,6 +113,24 @@ def _connect_lite(pymilvus: Any, path: str) -> Any:
             logger.removeFilter(keep)
         _lite_users[path] = _lite_users.get(path, 0) + 1
     return client
+
+
+def _locked_elsewhere(path: str) -> bool:
+    """Whether another process holds the Lite directory's LOCK (milvus-lite's flock), asked of the file itself:
+    the log record `_KeepStartError` reads is never made when the caller has silenced logging."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: milvus-lite locks with msvcrt there; its log record is all we have
+        return False
+    try:
+        with open(os.path.join(path, "LOCK"), "rb") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    return False
 
 
 def _release_lite(path: str) -> None:

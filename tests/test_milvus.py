@@ -261,6 +261,24 @@ def test_search_pads_when_fewer_rows_than_k(tmp_path):
     assert sorted(ids[0, :3].tolist()) == [0, 1, 2]
 
 
+def test_the_lock_error_does_not_depend_on_logging(tmp_path):
+    # the first sign of the lock is a log record; a process that silenced logging must get the same error
+    path = str(tmp_path / "held.db")
+    with MilvusIndex(path, "held", dim=DIM):
+        result = run_python(
+            f"""
+            import logging
+            logging.disable(logging.CRITICAL)
+            from openclip_lite.milvus import MilvusIndex, MilvusLockedError
+            try:
+                MilvusIndex({path!r}, "held")
+            except MilvusLockedError as e:
+                print("locked:", e)
+            """
+        )
+    assert "locked:" in result.stdout and "LOCK" in result.stdout, result.stdout + result.stderr
+
+
 def test_second_process_on_a_held_lite_directory_gets_the_lock_error(tmp_path):
     path = str(tmp_path / "held.db")
     data, queries = features(200, seed=11), features(4, seed=12)
