@@ -11,6 +11,7 @@ from .errors import (
     ChecksumError,
     DeviceError,
     DownloadError,
+    ExportError,
     ImageError,
     IndexFileError,
     InputError,
@@ -66,6 +67,7 @@ __all__ = [
     "InputError",
     "IndexFileError",
     "ShardError",
+    "ExportError",
     "MissingDependencyError",
 ]
 

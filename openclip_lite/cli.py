@@ -298,7 +298,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 
     model, _ = clip.load(args.model, device="cpu", download_root=args.root, image_size=args.image_size)
     config = export_onnx(model, args.onnx, opset=args.opset)
-    print(f"exported {args.model} ({config['image_size']}px, {config['exporter']} exporter) to {args.onnx}: image.onnx, text.onnx, preprocess.json")
+    print(f"exported {args.model} ({config['image_size']}px, {config['exporter']} exporter, opset {config['opset']}) to {args.onnx}: image.onnx, text.onnx, preprocess.json")
 
 
 def _as_list(ids) -> list:
@@ -427,7 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", metavar="NAME_OR_PATH", help="a released model name or a checkpoint path")
     p.add_argument("--onnx", required=True, metavar="DIR", help="folder to write image.onnx, text.onnx and preprocess.json to")
     p.add_argument("--image-size", type=int, help="export for another input size (position embeddings resampled)")
-    p.add_argument("--opset", type=int, help="ONNX opset version (default: the exporter's)")
+    p.add_argument("--opset", type=int, help="ONNX opset version, 14 or newer (default: the exporter's); 14-17 use the TorchScript exporter, 18+ the dynamo one")
     p.add_argument("--root", help="download cache directory")
     p.set_defaults(func=cmd_export)
     return parser

@@ -63,6 +63,11 @@ class DeviceError(OpenCLIPLiteError, ValueError, RuntimeError):
     """
 
 
+class ExportError(OpenCLIPLiteError, ValueError):
+    """An ONNX export that cannot be done: an opset the exporters cannot write, a destination that is not a
+    folder, a tower that fails to export. The destination is left as it was."""
+
+
 class MissingDependencyError(OpenCLIPLiteError, ImportError):
     """An optional extra that is not installed; the message names the pip command to run."""
 

@@ -7,6 +7,7 @@ features for batch sizes other than the one the graph was traced with.
 import importlib.util
 import json
 import os
+import stat
 
 import numpy as np
 import onnx
@@ -18,7 +19,8 @@ from reference import reference_model, relative_error
 
 import openclip_lite as clip
 from openclip_lite.cli import main
-from openclip_lite.export import export_onnx
+from openclip_lite.export import ExportError, export_onnx
+from openclip_lite.model import build_model
 from openclip_lite.transform import MEAN, STD, preprocess
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -87,6 +89,100 @@ def test_preprocess_json(exported):
     assert config["context_length"] == model.context_length
     assert config["logit_scale"] == pytest.approx(float(model.logit_scale.detach().exp()), rel=1e-6)
     assert config["exporter"] in ("dynamo", "torchscript")
+    assert config["opset"] == opset_of(directory / "image.onnx") == opset_of(directory / "text.onnx")
+
+
+def opset_of(path) -> int:
+    """The ONNX opset a graph file imports, read from the file itself."""
+    (version,) = [entry.version for entry in onnx.load(str(path), load_external_data=False).opset_import if entry.domain == ""]
+    return version
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(a tiny ViT's checkpoint, our model loaded from it): small enough to export in a second or two."""
+    path = str(tmp_path_factory.mktemp("tiny") / "tiny-vit.pt")
+    torch.save(reference_model("tiny-vit").state_dict(), path)
+    model, _ = clip.load(path, device="cpu")
+    return path, model
+
+
+@pytest.mark.parametrize("opset", [14, 17, 18])
+def test_the_opset_asked_for_is_the_one_written(tiny, tmp_path, capfd, opset):
+    """14 to 17 only the TorchScript exporter writes; the dynamo one made them opset 18, or an invalid graph (17)."""
+    path, model = tiny
+    out = tmp_path / "out"
+    if opset == 17:  # the CLI's --opset, as a user gives it
+        assert main(["export", path, "--onnx", str(out), "--opset", "17"]) == 0
+    else:
+        export_onnx(model, out, opset=opset)
+    assert sorted(os.listdir(out)) == ["image.onnx", "preprocess.json", "text.onnx"]
+    os.mkdir(tmp_path / "made_by_mkdir")  # a new folder gets the umask's permissions, as from os.makedirs
+    assert stat.S_IMODE(os.stat(out).st_mode) == stat.S_IMODE(os.stat(tmp_path / "made_by_mkdir").st_mode)
+    assert opset_of(out / "image.onnx") == opset_of(out / "text.onnx") == opset
+    with open(out / "preprocess.json") as f:
+        assert json.load(f)["opset"] == opset
+    assert "Traceback" not in capfd.readouterr().err  # choosing the exporter that can write the opset is no failure
+    res = model.visual.input_resolution
+    image = torch.randn(3, 3, res, res, generator=torch.Generator().manual_seed(opset))
+    text = clip.tokenize(TEXTS[:3])
+    providers = ["CPUExecutionProvider"]
+    (onnx_image,) = ort.InferenceSession(str(out / "image.onnx"), providers=providers).run(None, {"image": image.numpy()})
+    (onnx_text,) = ort.InferenceSession(str(out / "text.onnx"), providers=providers).run(None, {"text": text.numpy()})
+    with torch.no_grad():
+        assert relative_error(torch.from_numpy(onnx_image), model.encode_image(image)) <= 1e-4
+        assert relative_error(torch.from_numpy(onnx_text), model.encode_text(text)) <= 1e-4
+
+
+@pytest.mark.parametrize(
+    "opset, dynamo, names",
+    [
+        (13, None, "14 or newer"),  # scaled_dot_product_attention has no ONNX form before 14
+        (9, False, "14 or newer"),
+        (17, True, "opset 18 and newer"),  # the dynamo exporter cannot go below 18
+        (21, False, "14 to 20"),  # nor the TorchScript one above 20
+    ],
+)
+def test_an_opset_that_cannot_be_written_is_refused_before_anything_is_written(tiny, tmp_path, opset, dynamo, names):
+    _, model = tiny
+    with pytest.raises(ExportError, match=names):
+        export_onnx(model, tmp_path / "out", opset=opset, dynamo=dynamo)
+    assert os.listdir(tmp_path) == []
+
+
+def fail_on_text(module, args, output):
+    raise RuntimeError("the text tower cannot be exported")
+
+
+def test_a_failed_export_leaves_the_folder_as_it_was(tmp_path):
+    """The image tower exports, the text tower fails: neither the earlier export nor the new image.onnx may mix."""
+    out = tmp_path / "out"
+    export_onnx(build_model(reference_model("tiny-vit", seed=1).state_dict()), out, dynamo=False)
+    (out / "notes.txt").write_text("a user's own file")
+    before = {name: (out / name).read_bytes() for name in os.listdir(out)}
+    model = build_model(reference_model("tiny-vit").state_dict())  # other weights: a new image.onnx differs
+    model.transformer.register_forward_hook(fail_on_text)  # the text tower's transformer, not the image's
+    with pytest.raises(ExportError, match="text.onnx.*the text tower cannot be exported"):
+        export_onnx(model, out, dynamo=False)
+    assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
+    assert os.listdir(tmp_path) == ["out"]
+    # both exporters, the dynamo one first, into a folder whose parent does not exist either
+    with pytest.raises(ExportError, match="text.onnx.*the text tower cannot be exported"), pytest.warns(UserWarning, match="dynamo exporter failed"):
+        export_onnx(model, tmp_path / "new" / "onnx")
+    assert os.listdir(tmp_path) == ["out"]  # neither the folder nor its parent, nor a temporary folder
+
+
+def test_a_file_given_as_the_folder_is_refused(tiny, tmp_path, capsys):
+    path, model = tiny
+    file = tmp_path / "features.onnx"
+    file.write_bytes(b"someone's file")
+    for directory in (file, file / "inside"):
+        with pytest.raises(ExportError, match="is a file, not a folder"):
+            export_onnx(model, directory)
+    assert main(["export", path, "--onnx", str(file)]) == 1
+    err = capsys.readouterr().err
+    assert f"{file} is a file, not a folder" in err and "Errno" not in err
+    assert os.listdir(tmp_path) == ["features.onnx"] and file.read_bytes() == b"someone's file"
 
 
 def load_example(name: str):
