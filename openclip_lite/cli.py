@@ -38,7 +38,10 @@ def cmd_classify(args: argparse.Namespace) -> None:
         raise ValueError("give at least one label with --labels")
     templates = clip.IMAGENET_TEMPLATES if args.templates == "imagenet" else [args.templates] if args.templates else None
     model, preprocess = clip.load(args.model, device=args.device, download_root=args.root)
-    probs = clip.classify(model, preprocess, args.images, labels, templates=templates, truncate=args.truncate)
+    try:
+        probs = clip.classify(model, preprocess, args.images, labels, templates=templates, truncate=args.truncate)
+    except clip.TextTooLongError as e:
+        raise clip.TextTooLongError(f"{e} (here: --truncate)") from None
     results = clip.top_k(probs, labels, args.top_k)
     if args.json:
         print(json.dumps([{"image": image, "top_k": [{"label": label, "probability": p} for label, p in row]} for image, row in zip(args.images, results)], indent=2))

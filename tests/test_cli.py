@@ -56,6 +56,16 @@ def test_classify_json():
     assert sum(row["probability"] for row in out[0]["top_k"]) == pytest.approx(1.0, abs=1e-5)
 
 
+def test_classify_long_labels_need_truncate():
+    image = os.path.join(ASSETS, "red_circle.jpg")
+    long_label = "red circle " + "and more words " * 30  # past the 77-token context
+    result = run("classify", image, "--labels", f"{long_label},blue square", "--model", DEMO, "--device", "cpu")
+    assert result.returncode == 1 and "--truncate" in result.stderr and "Traceback" not in result.stderr
+    result = run("classify", image, "--labels", f"{long_label},blue square", "--model", DEMO, "--device", "cpu", "--truncate", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)[0]["top_k"][0]["label"] == long_label.strip()
+
+
 def test_classify_missing_image_is_one_clear_error(tmp_path):
     result = run("classify", str(tmp_path / "nope.jpg"), "--labels", "a,b", "--model", DEMO, "--device", "cpu")
     assert result.returncode == 1
