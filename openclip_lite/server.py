@@ -5,6 +5,7 @@ Routes (errors are always JSON `{"detail": "<a sentence>"}` with a 4xx status, n
 - `GET  /api/info`           the model, the number of images and the server's limits
 - `GET  /api/search`         text -> images: `q`, `k` (top-k, default 50), `page`, `per_page` (default 20)
 - `POST /api/search`         image -> images: multipart form with the file in `image`, and `k`, `page`, `per_page`
+                             (in both searches an empty number, `k=`, means its default, as a blank form field does)
 - `GET  /api/thumb/{id}`     a JPEG thumbnail of image `id` (its row in an index file, its primary key in a Milvus
                              collection); files are only ever found by id, never by a path from the request
 - `GET  /docs`               FastAPI's OpenAPI docs (`/openapi.json`)
@@ -40,7 +41,7 @@ from fastapi import FastAPI, File, Form, Query, Request, UploadFile
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel
+from pydantic import BaseModel, BeforeValidator
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
@@ -126,8 +127,11 @@ def create_app(
 
     Mount it in another app with `parent.mount("/photos", create_app(...))`: the page and the thumbnail URLs in
     the answers use paths relative to where it is mounted.
+
+    Raises ValueError when the model's features and the index's have different sizes: every search would fail.
     """
     name = model_name or getattr(index, "model", "") or ""
+    _check_dimensions(index, model, name)
     paths_of, last_id = _path_lookup(index)
     # len(index) at each request, not once: an app may go on adding photos to the FAISS index or the Milvus
     # collection it serves (a Milvus count is one query, a FAISS one an attribute)
@@ -193,9 +197,9 @@ def create_app(
     def search_text(
         request: Request,
         q: Annotated[str, Query(max_length=MAX_QUERY_CHARS, description='what to look for, e.g. "a photo of a red circle"')] = "",
-        k: Annotated[int, Query(ge=1, le=max_k, description="how many results in all (top-k)")] = DEFAULT_K,
-        page: Annotated[int, Query(ge=1, description="which page of the k results, from 1")] = 1,
-        per_page: Annotated[int, Query(ge=1, le=MAX_PER_PAGE, description="results a page")] = PER_PAGE,
+        k: Annotated[int, Query(ge=1, le=max_k, description="how many results in all (top-k)"), _blank_is(DEFAULT_K)] = DEFAULT_K,
+        page: Annotated[int, Query(ge=1, description="which page of the k results, from 1"), _blank_is(1)] = 1,
+        per_page: Annotated[int, Query(ge=1, le=MAX_PER_PAGE, description="results a page"), _blank_is(PER_PAGE)] = PER_PAGE,
     ) -> SearchAnswer:
         from .search import encode_texts
 
@@ -210,9 +214,9 @@ def create_app(
     def search_image(
         request: Request,
         image: Annotated[UploadFile, File(description="a JPEG, PNG, WebP, GIF, BMP or TIFF file")],
-        k: Annotated[int, Form(ge=1, le=max_k, description="how many results in all (top-k)")] = DEFAULT_K,
-        page: Annotated[int, Form(ge=1, description="which page of the k results, from 1")] = 1,
-        per_page: Annotated[int, Form(ge=1, le=MAX_PER_PAGE, description="results a page")] = PER_PAGE,
+        k: Annotated[int, Form(ge=1, le=max_k, description="how many results in all (top-k)"), _blank_is(DEFAULT_K)] = DEFAULT_K,
+        page: Annotated[int, Form(ge=1, description="which page of the k results, from 1"), _blank_is(1)] = 1,
+        per_page: Annotated[int, Form(ge=1, le=MAX_PER_PAGE, description="results a page"), _blank_is(PER_PAGE)] = PER_PAGE,
     ) -> SearchAnswer:
         from .search import encode_images
 
@@ -249,6 +253,43 @@ def create_app(
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
 
     return app
+
+
+def _blank_is(default: int) -> BeforeValidator:
+    """An empty value (`k=`, an empty form field) means the default, in a query string as in a form.
+
+    FastAPI already reads an empty form field as absent; a query string's `k=` would otherwise be a 422, so the
+    same request would succeed as an image search and fail as a text search.
+    """
+    return BeforeValidator(lambda value: default if isinstance(value, str) and not value.strip() else value)
+
+
+def _check_dimensions(index: Any, model: Any, model_name: str) -> None:
+    """ValueError naming both sizes when the model's features (its text projection's width) do not fit the index."""
+    projection = getattr(model, "text_projection", None)
+    model_dim = projection.shape[-1] if projection is not None else None
+    index_dim = _index_dim(index)
+    if model_dim is None or index_dim is None or int(model_dim) == index_dim:
+        return
+    made_by = getattr(index, "model", "") or ""
+    if made_by and made_by != model_name:
+        remedy = f"serve it with the model that made it, {made_by} (`openclip-lite serve` uses that one when --model is left out)"
+    else:
+        remedy = "serve it with the model that made it"
+    raise ValueError(
+        f"the model {model_name or '(unnamed)'} makes {int(model_dim)}-dimensional features but the index holds "
+        f"{index_dim}-dimensional ones, so no search could run; {remedy}, or embed the images again with this model"
+    )
+
+
+def _index_dim(index: Any) -> Optional[int]:
+    """The size of the index's vectors: `dim` (a FAISS Index, a Milvus collection) or its features' width
+    (an embeddings file); None for an index that tells neither."""
+    dim = getattr(index, "dim", None)
+    if dim is not None:
+        return int(dim)
+    features = getattr(index, "features", None)
+    return int(features.shape[-1]) if getattr(features, "ndim", 0) == 2 else None
 
 
 def _path_lookup(index: Any) -> tuple[Callable[[list[int]], list[Optional[str]]], Optional[int]]:
@@ -325,10 +366,12 @@ def _error(status: int, detail: str, headers: Optional[dict] = None) -> JSONResp
 
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
     detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+    root = request.scope.get("root_path", "")  # where the app is mounted, e.g. "/photos"; "" at the top
     if exc.status_code == 404 and detail == "Not Found":
-        detail = f"there is nothing at {request.url.path}; the API is /api/info, /api/search and /api/thumb/{{id}} (see /docs)"
+        api = f"{root}/api/info, {root}/api/search and {root}/api/thumb/{{id}}"
+        detail = f"there is nothing at {request.url.path}; the API is {api} (see {root}/docs)"
     elif exc.status_code == 405:
-        detail = f"{request.method} is not allowed on {request.url.path}; see /docs for what each route accepts"
+        detail = f"{request.method} is not allowed on {request.url.path}; see {root}/docs for what each route accepts"
     return _error(exc.status_code, detail, getattr(exc, "headers", None))
 
 

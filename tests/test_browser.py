@@ -197,6 +197,63 @@ def test_pagination_with_mouse_and_keyboard_then_reset(page):
     assert page.switch_to.active_element.get_attribute("id") == "q"
 
 
+def test_paging_keeps_the_top_k_of_the_results_shown(page):
+    """A K typed without Enter is for the next search: Previous and Next turn the pages of the results on screen."""
+    assert text_search(page, QUERY) == "done"
+    assert after(page, page.find_element(By.ID, "next").click) == "done"
+    assert after(page, page.find_element(By.ID, "next").click) == "done"
+    assert page.find_element(By.ID, "page-label").text == "Page 3 of 3"
+    k = page.find_element(By.ID, "k")
+    k.clear()
+    k.send_keys("10")  # no Enter
+
+    assert after(page, page.find_element(By.ID, "prev").click) == "done"
+    assert [r["rank"] for r in results(page)] == list(range(21, 41))
+    assert page.find_element(By.ID, "status").text == f"50 results for “{QUERY}”, page 2 of 3"
+    assert not visible(page, "error")
+    assert after(page, page.find_element(By.ID, "next").click) == "done"
+    assert [r["rank"] for r in results(page)] == list(range(41, 51))
+
+    assert after(page, lambda: k.send_keys(Keys.ENTER)) == "done"  # Enter: a new search with the new K, from page 1
+    assert [r["rank"] for r in results(page)] == list(range(1, 11)) and not visible(page, "pager")
+    assert page.find_element(By.ID, "status").text == f"10 results for “{QUERY}”, page 1 of 1"
+
+
+def test_an_empty_top_k_is_the_default_in_text_and_image_search(page, photos):
+    k = page.find_element(By.ID, "k")
+    k.clear()
+    assert text_search(page, QUERY) == "done"
+    assert page.find_element(By.ID, "status").text == f"50 results for “{QUERY}”, page 1 of 3"
+    assert k.get_attribute("value") == "50"  # the box shows the K the answer used
+    k.clear()
+    assert after(page, lambda: page.find_element(By.ID, "image").send_keys(photos[5])) == "done"
+    assert page.find_element(By.ID, "status").text.startswith("50 results for images like")
+    assert k.get_attribute("value") == "50"
+
+
+def test_a_top_k_that_is_no_number_is_an_error_not_the_default(page):
+    k = page.find_element(By.ID, "k")
+    k.clear()
+    k.send_keys("1e")  # a number box lets it be typed, and reads it as ""
+    assert text_search(page, QUERY) == "error"
+    assert "top K) is not a number" in page.find_element(By.ID, "error").text
+    assert results(page) == []
+
+
+def test_choosing_the_same_file_again_searches_again(page, photos):
+    path = photos[10]
+    picker = page.find_element(By.ID, "image")
+    assert after(page, lambda: picker.send_keys(path)) == "done"
+    assert_image_first(page, path)
+    assert len(results(page)) == 20
+    k = page.find_element(By.ID, "k")
+    k.clear()
+    k.send_keys("3")  # no Enter: the next search takes it
+    assert after(page, lambda: picker.send_keys(path)) == "done"
+    assert_image_first(page, path)
+    assert [r["rank"] for r in results(page)] == [1, 2, 3]
+
+
 def test_upload_shows_the_image_first(page, photos):
     path = photos[10]
     assert after(page, lambda: page.find_element(By.ID, "image").send_keys(path)) == "done"

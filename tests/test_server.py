@@ -317,6 +317,17 @@ def test_mounted_under_a_prefix(tiny, indexed):
         assert thumb.startswith("/photos/api/thumb/")
         assert http(port, "GET", thumb).status == 200
         assert http(port, "GET", "/photos/").status == 200
+        assert http(port, "GET", "/photos/docs").status == 200
+        # the errors point to the routes where they are: under the prefix
+        routes = ["/photos/api/info", "/photos/api/search", "/photos/api/thumb/{id}", "(see /photos/docs)"]
+        assert_json_error(http(port, "GET", "/photos/api/nothing"), 404, "nothing at /photos/api/nothing", *routes)
+        assert_json_error(http(port, "DELETE", "/photos/api/search"), 405, "see /photos/docs")
+        assert http(port, "GET", "/photos/api/info").status == 200
+
+
+def test_errors_at_the_top_level_point_to_unprefixed_routes(server):
+    detail = http(server[0], "GET", "/api/nothing").json()["detail"]
+    assert detail == "there is nothing at /api/nothing; the API is /api/info, /api/search and /api/thumb/{id} (see /docs)"
 
 
 def test_a_faiss_index_is_served_like_an_embeddings_file(server, tiny, indexed, tmp_path):
@@ -376,7 +387,6 @@ BAD_GETS = [
     ("/api/search?q=dog&k=1e9", 422, ["from 1 to 1000"]),
     ("/api/search?q=dog&k=abc", 422, ["from 1 to 1000"]),
     ("/api/search?q=dog&k=2.5", 422, ["from 1 to 1000"]),
-    ("/api/search?q=dog&k=", 422, ["from 1 to 1000"]),
     ("/api/search?q=dog&k=..%2F..%2Fetc%2Fpasswd", 422, ["from 1 to 1000"]),
     ("/api/search?q=dog&page=0", 422, ["page must be a whole number from 1"]),
     ("/api/search?q=dog&page=3", 422, ["page 3 does not exist", "2 pages"]),
@@ -438,6 +448,26 @@ def test_bad_form_fields(server):
     assert_json_error(http(port, "POST", "/api/search", b"\r\n\r\n--", {"Content-Type": "multipart/form-data"}), 400, "multipart")
 
 
+def test_an_empty_number_is_its_default_in_text_and_image_search(server, indexed):
+    """`k=` (a cleared K box) means the default K in both searches, and so does an empty page or per_page."""
+    port, index = server
+    plain = http(port, "GET", "/api/search?q=a+red+circle").json()
+    for empty in ("k=", "k=&page=&per_page=", "k=%20"):
+        answer = http(port, "GET", f"/api/search?q=a+red+circle&{empty}")
+        assert answer.status == 200, (empty, answer.body)
+        assert answer.json() == plain
+    assert (plain["k"], plain["page"], plain["per_page"], plain["total"]) == (50, 1, 20, len(index))
+    with open(indexed[1][3], "rb") as f:
+        image = f.read()
+    plain = upload(port, image).json()
+    for empty in ({"k": ""}, {"k": "", "page": "", "per_page": ""}, {"k": " "}):
+        answer = upload(port, image, **empty)
+        assert answer.status == 200, (empty, answer.body)
+        assert answer.json() == plain
+    assert (plain["k"], plain["page"], plain["per_page"], plain["total"]) == (50, 1, 20, len(index))
+    assert plain["results"][0]["id"] == 3
+
+
 def test_oversized_uploads_are_refused(server):
     port, _ = server
     big = b"\xff" * (MAX_UPLOAD_BYTES + 1)
@@ -484,6 +514,45 @@ def test_a_missing_file_is_a_404_and_a_bug_a_500_without_traceback(tiny, tmp_pat
         assert_json_error(http(port, "GET", "/api/thumb/0"), 404, "gone.jpg", "cannot be read")
         answer = http(port, "GET", "/api/search?q=dog")
         assert answer.status == 500 and answer.json() == {"detail": "the server failed to answer this request; its log says why"}
+
+
+def test_a_model_of_another_size_is_refused_when_the_app_is_made(tiny, demo, indexed, tmp_path):
+    """The tiny model's 32-dimensional features against the demo model's 64: no app, and an error that names both
+    sizes and the model to use, for an embeddings file, a FAISS index and a Milvus collection alike."""
+    from openclip_lite.index import build_index
+
+    checkpoint, tiny_model, tiny_preprocess = tiny
+    demo_model, demo_preprocess = demo
+    embeddings = open_search_index(indexed[0])  # made by the tiny model
+    assert embeddings.features.shape[1] == tiny_model.text_projection.shape[1] == 32 != demo_model.text_projection.shape[1]
+    with pytest.raises(ValueError) as raised:
+        create_app(embeddings, demo_model, demo_preprocess, model_name="demo-model")
+    assert str(raised.value) == (
+        f"the model demo-model makes 64-dimensional features but the index holds 32-dimensional ones, so no search could run; "
+        f"serve it with the model that made it, {checkpoint} (`openclip-lite serve` uses that one when --model is left out), "
+        f"or embed the images again with this model"
+    )
+    faiss_index = build_index(embeddings.features, paths=embeddings.paths, kind="flat", model=checkpoint)
+    with pytest.raises(ValueError, match="makes 64-dimensional features but the index holds 32-dimensional ones"):
+        create_app(faiss_index, demo_model, demo_preprocess)
+    with MilvusIndex(str(tmp_path / "milvus.db"), "shapes", dim=64, model=DEMO) as collection:
+        with pytest.raises(ValueError, match=f"makes 32-dimensional features but the index holds 64-dimensional ones.*made it, {re.escape(DEMO)}"):
+            create_app(collection, tiny_model, tiny_preprocess, model_name=checkpoint)
+        create_app(collection, demo_model, demo_preprocess)  # the right model is served
+    create_app(faiss_index, tiny_model, tiny_preprocess)
+
+
+def test_serve_command_with_a_model_of_another_size_is_one_line_before_serving(indexed):
+    # a subprocess with a time limit: a command that went on to serve would otherwise never return
+    command = [sys.executable, "-m", "openclip_lite.cli", "serve", indexed[0], "--model", DEMO, "--port", str(free_port()), "--device", "cpu"]
+    try:
+        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"serve started with a model of another size: {e.stdout}")
+    assert result.returncode == 1 and "serving" not in result.stdout, result
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    for words in ("openclip-lite: error: ", f"the model {DEMO} makes 64-dimensional", "32-dimensional ones", "--model is left out"):
+        assert words in result.stderr, result.stderr
 
 
 # ---------------------------------------------------------------------------------------------------- concurrency

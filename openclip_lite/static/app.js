@@ -1,9 +1,11 @@
 // The search page: it sends what the user gives to the JSON API and shows the answer. Everything it shows
-// (results, scores, pages, errors) comes from the API; the page keeps only what was asked and which page is shown.
+// (results, scores, pages, errors) comes from the API; the page keeps only what was asked and which answer is shown.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { query: null, page: 1, defaultK: 50, previewUrl: null };
+// shown: the query, top K and page of the results on screen; the pager turns their pages, whatever the K box
+// says now (a K typed without Enter is for the next search, not for these results)
+const state = { query: null, shown: null, defaultK: 50, previewUrl: null };
 let ticket = 0; // answers to anything but the latest request are dropped
 
 async function callApi(url, options) {
@@ -27,31 +29,44 @@ async function callApi(url, options) {
   return body;
 }
 
-function request(query, page) {
-  const k = $("k").value.trim();
+// k: the top K as typed, or "" to leave it to the server's default (both searches take an absent k alike)
+function request(query, page, k) {
   if (query.text !== undefined) {
-    const params = new URLSearchParams({ q: query.text, k, page });
+    const params = new URLSearchParams({ q: query.text, page });
+    if (k) params.set("k", k);
     return callApi(`api/search?${params}`);
   }
   const form = new FormData();
   form.append("image", query.file, query.file.name || "pasted image");
-  form.append("k", k);
+  if (k) form.append("k", k);
   form.append("page", page);
   return callApi("api/search", { method: "POST", body: form });
 }
 
-async function search(query, page) {
+// the K box's value; a number box reads "" both when empty (the default K) and when what is typed is no number
+function typedK() {
+  if ($("k").validity.badInput) throw new Error("The number of results (top K) is not a number: type a whole number, or leave it empty for the default.");
+  return $("k").value.trim();
+}
+
+async function search(query, page, k) {
   const mine = ++ticket;
   state.query = query;
-  state.page = page;
   document.body.dataset.state = "loading";
   $("results").setAttribute("aria-busy", "true");
   try {
-    const answer = await request(query, page);
-    if (mine === ticket) showAnswer(answer);
+    const answer = await request(query, page, k === undefined ? typedK() : k);
+    if (mine === ticket) {
+      state.shown = { query, k: answer.k, page: answer.page };
+      showAnswer(answer);
+    }
   } catch (error) {
     if (mine === ticket) showError(error.message);
   }
+}
+
+function turnPage(by) {
+  if (state.shown) search(state.shown.query, state.shown.page + by, state.shown.k);
 }
 
 function showAnswer(answer) {
@@ -66,6 +81,7 @@ function showAnswer(answer) {
   $("page-label").textContent = `Page ${answer.page} of ${answer.pages}`;
   $("prev").disabled = answer.page <= 1;
   $("next").disabled = answer.page >= answer.pages;
+  if ($("k").value.trim() === "" && !$("k").validity.badInput) $("k").value = answer.k; // an empty K was the default: show it
   if (pagerHadFocus && (document.activeElement.disabled || !$("pager").contains(document.activeElement))) {
     (answer.page > 1 ? $("prev") : $("next")).focus(); // a button that was just disabled keeps no focus
   }
@@ -99,6 +115,7 @@ function resultItem(result) {
 }
 
 function showError(message) {
+  state.shown = null;
   $("error").textContent = message;
   $("error").hidden = false;
   $("status").textContent = "";
@@ -126,7 +143,7 @@ function searchImage(file) {
 function reset() {
   ticket++; // an answer still on its way is not shown
   state.query = null;
-  state.page = 1;
+  state.shown = null;
   $("q").value = "";
   $("image").value = "";
   $("k").value = state.defaultK;
@@ -174,13 +191,14 @@ document.addEventListener("DOMContentLoaded", () => {
   });
   $("image").addEventListener("change", () => {
     const file = $("image").files[0];
+    $("image").value = ""; // so that choosing the same file again is a change too, and searches again
     if (file) searchImage(file);
   });
   $("k").addEventListener("keydown", (event) => {
     if (event.key === "Enter" && state.query) search(state.query, 1); // a new top K: search again
   });
-  $("prev").addEventListener("click", () => search(state.query, state.page - 1));
-  $("next").addEventListener("click", () => search(state.query, state.page + 1));
+  $("prev").addEventListener("click", () => turnPage(-1));
+  $("next").addEventListener("click", () => turnPage(+1));
   $("reset").addEventListener("click", reset);
 
   const drop = $("drop");
