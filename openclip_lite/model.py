@@ -276,6 +276,12 @@ class VisionTransformer(nn.Module):
         return out
 
 
+def _is_exporting() -> bool:
+    """Whether torch.export is tracing this call (torch.compiler.is_exporting, from torch 2.6; never before it)."""
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    return is_exporting is not None and is_exporting()
+
+
 def image_size_error(h: int, w: int, res: int) -> InputError:
     """The error for images whose grid of patches (or ResNet feature map) is not the one the model's position embeddings have."""
     return InputError(
@@ -569,7 +575,7 @@ class CLIP(nn.Module):
                 f"tokenize with context_length={self.context_length}"
             )
         eot = text.argmax(dim=-1)  # EOT has the largest id in the vocabulary
-        if full_context or torch.jit.is_tracing() or torch.compiler.is_exporting():  # a traced or exported graph would keep this batch's length for every later one
+        if full_context or torch.jit.is_tracing() or _is_exporting():  # a traced or exported graph would keep this batch's length for every later one
             n_ctx = text.shape[-1]
         else:
             n_ctx = int(eot.max()) + 1 if text.shape[0] else 1
