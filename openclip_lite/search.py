@@ -258,6 +258,8 @@ def encode_images(
         raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, not {batch_size}")
+    if isinstance(images, (str, os.PathLike)) and os.path.isdir(images):  # not an image to skip: the ones in it
+        raise IsADirectoryError(f"{os.fspath(images)} is a folder; pass list_images({os.fspath(images)!r}) for the images in it")
     if isinstance(images, (str, os.PathLike, Image.Image)):
         images = [images]
     if isinstance(images, (Tensor, np.ndarray)):
@@ -266,9 +268,6 @@ def encode_images(
             "model.encode_image(pixels) and normalise its rows"
         )
     images = list(images)
-    folders = [image for image in images if isinstance(image, (str, os.PathLike)) and os.path.isdir(image)]
-    if folders:  # not an unreadable image to skip: the caller meant the images in it
-        raise IsADirectoryError(f"{os.fspath(folders[0])} is a folder; pass list_images({os.fspath(folders[0])!r}) for the images in it")
     device = _device(model)
     if num_workers is None:
         num_workers = _default_workers(len(images), batch_size)
@@ -381,7 +380,9 @@ def search(
     device : where to compute; None: the index's device. A CPU index can be streamed through a GPU this way.
 
     Returns (scores, indices), both shape = (num_queries, min(k, n)), best first: cosine similarities (float32)
-    and row numbers of `index` (int64), on `device`.
+    and row numbers of `index` (int64), on `device`. Equal scores come in row order; which of several equal rows
+    takes the k-th place is unspecified, as in `torch.topk`. An all-zero row scores 0; a query or row with NaN or
+    infinite values is a ValueError.
     """
     if not isinstance(index, (Tensor, np.ndarray)) and hasattr(index, "search"):
         return index.search(queries, k)
@@ -402,36 +403,39 @@ def search(
     device = torch.device(device) if device is not None else index.device
     k = min(k, len(index))
     queries = queries.to(device, torch.float32)
-    _check_finite(queries, "queries")
-    if (queries == 0).all(dim=1).any():
-        row = int((queries == 0).all(dim=1).nonzero()[0])
-        raise ValueError(f"query {row} is all zeros, which has no cosine similarity; drop it")
-    queries = F.normalize(queries, dim=-1)
+    norms = queries.norm(dim=1)
+    if not (torch.isfinite(norms) & (norms > 0)).all():  # a NaN query would score NaN everywhere, a zero one 0
+        row = int((~(torch.isfinite(norms) & (norms > 0))).nonzero()[0])
+        raise ValueError(f"query {row} is all zeros or holds NaN or infinite values, so it has no cosine similarity; drop it")
+    queries = queries / norms[:, None]
     # the running top-k of every query; -inf loses to any cosine, and k <= n real rows replace every one of them
     best_scores = torch.full((len(queries), k), float("-inf"), device=device)
     best_indices = torch.full((len(queries), k), -1, dtype=torch.long, device=device)
     for start in range(0, len(index), chunk_size):
-        rows = index[start : start + chunk_size].to(device, torch.float32)
-        _check_finite(rows, "index", start)  # a NaN row would outrank every other (NaN sorts first in topk)
-        rows = F.normalize(rows, dim=-1)  # once per chunk; an all-zero row scores 0
+        rows = F.normalize(index[start : start + chunk_size].to(device, torch.float32), dim=-1)  # once per chunk; a zero row scores 0
         for first in range(0, len(queries), QUERY_BLOCK):  # so that only (QUERY_BLOCK, chunk_size) scores exist
             block = slice(first, first + QUERY_BLOCK)
             scores, indices = (queries[block] @ rows.T).topk(min(k, len(rows)), dim=1)
             scores = torch.cat([best_scores[block], scores], dim=1)
             indices = torch.cat([best_indices[block], indices + start], dim=1)
-            best_scores[block], order = scores.topk(k, dim=1)
-            best_indices[block] = indices.gather(1, order)
-    # equal scores in row order, whatever the chunks were (topk orders ties arbitrarily)
+            scores, order = scores.sort(dim=1, descending=True, stable=True)  # 2k columns; earlier rows win ties
+            best_scores[block], best_indices[block] = scores[:, :k], indices.gather(1, order[:, :k])
+    # A row with NaN or infinite values scores NaN, which sorts above every number: so it is among the results of
+    # every query, and checking the (q, k) answers finds it without a pass over the whole index.
+    bad = torch.isnan(best_scores)
+    if bad.any():
+        row = int(best_indices[bad][0])
+        raise ValueError(f"index row {row} holds NaN or infinite values; check the encoder's output")
+    # equal scores in row order (which of several equal rows makes the k-th place is left to topk, as in torch)
     best_indices, order = best_indices.sort(dim=1, stable=True)
-    best_scores, order2 = best_scores.gather(1, order).sort(dim=1, descending=True, stable=True)
-    return best_scores, best_indices.gather(1, order2)
+    best_scores, order = best_scores.gather(1, order).sort(dim=1, descending=True, stable=True)
+    return best_scores, best_indices.gather(1, order)
 
 
-def _check_finite(x: Tensor, what: str, first_row: int = 0) -> None:
+def _check_finite(x: Tensor, what: str) -> None:
     finite = torch.isfinite(x).all(dim=1)
     if not finite.all():
-        row = first_row + int((~finite).nonzero()[0])
-        raise ValueError(f"{what} row {row} holds NaN or infinite values; check the encoder's output")
+        raise ValueError(f"{what} row {int((~finite).nonzero()[0])} holds NaN or infinite values; check the encoder's output")
 
 
 # ---------------------------------------------------------------------------------------------------- files

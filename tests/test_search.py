@@ -293,10 +293,14 @@ def test_search_refuses_rows_without_a_direction(random_index):
         clip.search(queries, broken, chunk_size=1000)
     bad_queries = queries.clone()
     bad_queries[3, 0] = float("inf")
-    with pytest.raises(ValueError, match="queries row 3 holds NaN or infinite"):
+    with pytest.raises(ValueError, match="query 3 is all zeros or holds NaN or infinite"):
         clip.search(bad_queries, index)
     with pytest.raises(ValueError, match="query 0 is all zeros"):
         clip.search(torch.zeros(48), index)
+    broken[1500, 3] = float("inf")  # found from the answers, wherever the row falls in the chunks
+    for chunk_size in (1, 7, 1000, 5000):
+        with pytest.raises(ValueError, match="index row 1500 holds NaN"):
+            clip.search(queries, broken, k=1, chunk_size=chunk_size)
 
 
 @pytest.mark.parametrize("chunk_size", [1, 3, 7, 1000])
