@@ -101,7 +101,8 @@ def _connect_lite(pymilvus: Any, path: str) -> Any:
         try:
             client = pymilvus.MilvusClient(uri=path)
         except pymilvus.exceptions.MilvusException as e:
-            if isinstance(keep.error, milvus_lite.DataDirLockedError) or _locked_elsewhere(path):
+            # this process's own lock (a client still open here) is not another process's
+            if isinstance(keep.error, milvus_lite.DataDirLockedError) or (path not in _lite_users and _locked_elsewhere(path)):
                 raise MilvusLockedError(
                     f"Milvus Lite data at '{path}' is in use by another process, which holds its lock file "
                     f"'{os.path.join(path, 'LOCK')}'; close the MilvusIndex (or MilvusClient) there first, or share "
@@ -313,7 +314,8 @@ class MilvusIndex:
         paths : n strings (image paths or URLs) kept with the rows
 
         Nothing is inserted when an argument is refused: Milvus Lite would overwrite a row whose id is taken, and a
-        Milvus server would keep both, so taken ids are an error here, as in `Index.add`.
+        Milvus server would keep both, so taken ids are an error here, as in `Index.add`. The check and the insert
+        are separate requests: processes adding at the same time must give ids of their own (disjoint ranges).
         """
         features = _as_matrix(features, self.dim, "features")
         _check_nonzero(features, "features")
@@ -398,7 +400,12 @@ class MilvusIndex:
         return scores, ids
 
     def _taken(self, ids: list[int]) -> list[int]:
-        """Those of `ids` that the collection holds, sorted."""
+        """Those of `ids` that the collection holds, sorted (for a run of consecutive ids, the first few)."""
+        if ids and ids == list(range(ids[0], ids[0] + len(ids))):  # default ids, a shard load: one range query
+            rows = self._client.query(
+                self.collection, filter=f"{ID_FIELD} >= {ids[0]} and {ID_FIELD} <= {ids[-1]}", output_fields=[ID_FIELD], limit=5
+            )
+            return sorted(row[ID_FIELD] for row in rows)
         taken: list[int] = []
         for start in range(0, len(ids), GET_BATCH):
             rows = self._client.get(self.collection, ids=ids[start : start + GET_BATCH], output_fields=[ID_FIELD])
@@ -507,7 +514,8 @@ def _check_loaded_prefix(index: MilvusIndex, shards: Any, done: int, shards_dir:
     expected = torch.nn.functional.normalize(torch.from_numpy(shards.take(np.array(rows))), dim=1)
     found = {
         row[ID_FIELD]: row[VECTOR_FIELD]
-        for row in index._client.get(index.collection, ids=rows, output_fields=[VECTOR_FIELD])
+        for start in range(0, len(rows), SEARCH_BATCH)  # vectors: a smaller batch than GET_BATCH's ids
+        for row in index._client.get(index.collection, ids=rows[start : start + SEARCH_BATCH], output_fields=[VECTOR_FIELD])
     }
     for row, vector in zip(rows, expected):
         stored = found.get(row)

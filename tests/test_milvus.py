@@ -5,6 +5,7 @@ Reference answers come from torch (exact cosine top-k), never from the code unde
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -216,8 +217,9 @@ def test_taken_ids_are_refused_and_nothing_is_inserted(uri, collection):
             (lambda: index.add(data[5:6], ids=[1], paths=["again"]), r"\[1\]; give new ids"),
             (lambda: index.add(data[2:4], ids=[7, 2]), r"\[2\]"),  # one new, one taken: neither goes in
         ]:
-            with pytest.raises(MilvusIndexError, match="ids already in collection"):
+            with pytest.raises(MilvusIndexError, match="ids already in collection") as error:
                 call()
+            assert re.search(match, str(error.value)), error.value
         assert len(index) == 2
         assert index.get_paths([1, 2, 3, 4, 7]) == ["one", "two", None, None, None]
         torch.testing.assert_close(index.search(data[1], k=1)[1], torch.tensor([[2]]))  # its own vector still
