@@ -7,7 +7,7 @@ exec((Path(__file__).parent / "openclip_lite" / "version.py").read_text(), about
 
 extras = {
     "index": ["faiss-cpu>=1.8"],
-    "serve": ["fastapi>=0.110", "uvicorn>=0.29", "python-multipart>=0.0.9"],
+    "serve": ["fastapi>=0.110", "pydantic>=2", "uvicorn>=0.29", "python-multipart>=0.0.9"],
     "ray": ["ray[data]>=2.51", "pyarrow>=14"],
     # pymilvus' own [milvus_lite] extra admits old milvus-lite releases whose files 3.x cannot open
     "milvus": ["pymilvus>=3,<4", "milvus-lite>=3"],

@@ -132,6 +132,7 @@ def create_app(
     """
     name = model_name or getattr(index, "model", "") or ""
     _check_dimensions(index, model, name)
+    default_k = min(DEFAULT_K, max_k)  # a server capped below 50 answers its cap by default
     paths_of, last_id = _path_lookup(index)
     # len(index) at each request, not once: an app may go on adding photos to the FAISS index or the Milvus
     # collection it serves (a Milvus count is one query, a FAISS one an attribute)
@@ -164,7 +165,7 @@ def create_app(
         return Info(
             model=name,
             count=len(index),
-            default_k=DEFAULT_K,
+            default_k=default_k,
             max_k=max_k,
             per_page=PER_PAGE,
             max_per_page=MAX_PER_PAGE,
@@ -197,7 +198,7 @@ def create_app(
     def search_text(
         request: Request,
         q: Annotated[str, Query(max_length=MAX_QUERY_CHARS, description='what to look for, e.g. "a photo of a red circle"')] = "",
-        k: Annotated[int, Query(ge=1, le=max_k, description="how many results in all (top-k)"), _blank_is(DEFAULT_K)] = DEFAULT_K,
+        k: Annotated[int, Query(ge=1, le=max_k, description="how many results in all (top-k)"), _blank_is(default_k)] = default_k,
         page: Annotated[int, Query(ge=1, description="which page of the k results, from 1"), _blank_is(1)] = 1,
         per_page: Annotated[int, Query(ge=1, le=MAX_PER_PAGE, description="results a page"), _blank_is(PER_PAGE)] = PER_PAGE,
     ) -> SearchAnswer:
@@ -214,7 +215,7 @@ def create_app(
     def search_image(
         request: Request,
         image: Annotated[UploadFile, File(description="a JPEG, PNG, WebP, GIF, BMP or TIFF file")],
-        k: Annotated[int, Form(ge=1, le=max_k, description="how many results in all (top-k)"), _blank_is(DEFAULT_K)] = DEFAULT_K,
+        k: Annotated[int, Form(ge=1, le=max_k, description="how many results in all (top-k)"), _blank_is(default_k)] = default_k,
         page: Annotated[int, Form(ge=1, description="which page of the k results, from 1"), _blank_is(1)] = 1,
         per_page: Annotated[int, Form(ge=1, le=MAX_PER_PAGE, description="results a page"), _blank_is(PER_PAGE)] = PER_PAGE,
     ) -> SearchAnswer:

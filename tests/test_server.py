@@ -305,6 +305,16 @@ def test_large_photos_are_thumbnailed(tiny, tmp_path):
     assert answer.status == 200 and Image.open(io.BytesIO(answer.body)).size == (256, 171)
 
 
+def test_a_server_capped_below_the_default_k_answers_its_cap(tiny, indexed):
+    _, model, preprocess = tiny
+    with running(create_app(open_search_index(indexed[0]), model, preprocess, max_k=10)) as port:
+        assert http(port, "GET", "/api/info").json()["default_k"] == 10
+        for query in ("/api/search?q=a+dog", "/api/search?q=a+dog&k="):
+            answer = http(port, "GET", query)
+            assert answer.status == 200 and (answer.json()["k"], answer.json()["total"]) == (10, 10), answer.body
+        assert_json_error(http(port, "GET", "/api/search?q=a+dog&k=11"), 422, "from 1 to 10")
+
+
 def test_mounted_under_a_prefix(tiny, indexed):
     from fastapi import FastAPI
 
