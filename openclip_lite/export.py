@@ -167,18 +167,36 @@ def _export_into(model: CLIP, folder: str, opset: Optional[int], exporters: list
 
 def _move_into_place(staging: str, directory: str) -> None:
     """Move the exported files from `staging` into `directory`: the whole folder by one rename where `directory`
-    does not exist yet, else file by file (each rename atomic), preprocess.json last, keeping other files."""
-    if not os.path.isdir(directory):
-        os.makedirs(os.path.dirname(os.path.abspath(directory)), exist_ok=True)
-        os.rename(staging, directory)
-        return
-    names = sorted(os.listdir(staging), key=lambda name: name == CONFIG_FILE)
-    for name in names:
-        os.replace(os.path.join(staging, name), os.path.join(directory, name))
-    for tower in (IMAGE_FILE, TEXT_FILE):  # an earlier export's weights beside a graph that now holds its own
-        stale = os.path.join(directory, tower + ".data")
-        if tower + ".data" not in names and os.path.isfile(stale):
-            os.remove(stale)
+    does not exist yet, else file by file, keeping other files. The files they replace are set aside in `staging`
+    first and put back if a move fails (a file open elsewhere on Windows), so `directory` never mixes exports."""
+    try:
+        if not os.path.isdir(directory):
+            os.makedirs(os.path.dirname(os.path.abspath(directory)), exist_ok=True)
+            os.rename(staging, directory)
+            return
+        names = sorted(os.listdir(staging), key=lambda name: name == CONFIG_FILE)
+        # an earlier export's weights beside a graph that now holds its own go too
+        old = [name for name in names + [IMAGE_FILE + ".data", TEXT_FILE + ".data"] if os.path.lexists(os.path.join(directory, name))]
+        folders = [name for name in old if os.path.isdir(os.path.join(directory, name))]
+        if folders:  # not an earlier export's file: someone's folder, which must not be replaced
+            raise ExportError(f"{os.path.join(directory, folders[0])} is a folder; move it, or export into another folder")
+        aside = os.path.join(staging, ".previous")
+        os.mkdir(aside)
+        moved: list[tuple[str, str]] = []  # (from, to), undone in reverse on failure
+        try:
+            for name in dict.fromkeys(old):
+                moved.append((os.path.join(directory, name), os.path.join(aside, name)))
+                os.replace(*moved[-1])
+            for name in names:
+                moved.append((os.path.join(staging, name), os.path.join(directory, name)))
+                os.replace(*moved[-1])
+        except OSError:
+            for source, target in reversed(moved):
+                if os.path.lexists(target):
+                    os.replace(target, source)
+            raise
+    except OSError as e:
+        raise ExportError(f"could not move the export into {directory} ({e}); it is as it was before") from e
 
 
 def _fp32_cpu(model: CLIP) -> CLIP:

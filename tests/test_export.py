@@ -172,6 +172,16 @@ def test_a_failed_export_leaves_the_folder_as_it_was(tmp_path):
     assert os.listdir(tmp_path) == ["out"]  # neither the folder nor its parent, nor a temporary folder
 
 
+def test_a_folder_where_a_file_goes_is_kept(tiny, tmp_path):
+    _, model = tiny
+    (tmp_path / "out" / "text.onnx").mkdir(parents=True)
+    (tmp_path / "out" / "text.onnx" / "mine.txt").write_text("someone's file")
+    with pytest.raises(ExportError, match="text.onnx is a folder"):
+        export_onnx(model, tmp_path / "out", dynamo=False)
+    assert sorted(os.listdir(tmp_path / "out")) == ["text.onnx"]
+    assert (tmp_path / "out" / "text.onnx" / "mine.txt").read_text() == "someone's file"
+
+
 def test_a_file_given_as_the_folder_is_refused(tiny, tmp_path, capsys):
     path, model = tiny
     file = tmp_path / "features.onnx"
