@@ -24,7 +24,7 @@ The output folder:
   input order; shard k covers inputs [k * shard_size, (k + 1) * shard_size). The Parquet footer's key-value
   metadata `openclip_lite` holds the shard's slice, a SHA256 of its input paths, the model and its skipped inputs,
   so a later run can tell a finished shard of the same job from anything else;
-- `manifest.json`: {"format", "version", "model", "dim", "count", "inputs", "source", "shard_size", "shards":
+- `manifest.json`: {"format", "version", "model", "dim", "count", "inputs", "source", "place", "shard_size", "shards":
   [{"file", "start", "stop", "count"}], "skipped": [{"path", "reason"}], "openclip_lite", "created"}; written
   last, so its presence says the job completed. `milvus.load_shards_into_milvus` reads this folder as it is.
 
@@ -173,7 +173,8 @@ def embed(
                 raise ValueError(f"no image files in {description}")
         model_name, state_dict, n_px, dim = _read_model(model, download_root)
         job = _Job(_OutputFolder(output), model_name, dim, shard_size, paths)
-        pending = job.prepare(description if isinstance(source, (str, os.PathLike)) else None)
+        place = _place(os.fspath(source)) if isinstance(source, (str, os.PathLike)) else None
+        pending = job.prepare(place)
         if paths is None or pending:  # a complete output needs no Ray at all
             started = started or _connect(ray, address, runtime_env)
             pool = _pool_size(ray, actors, num_gpus, num_cpus)
@@ -185,7 +186,7 @@ def embed(
             del state_dict  # the object store holds the weights now
             stream.context.enable_progress_bars = progress
             job.consume(stream.iter_batches(batch_size=None, batch_format="numpy"), on_shard)
-        return job.finish(description)
+        return job.finish(description, place)
     finally:
         if started:
             ray.shutdown()
@@ -501,8 +502,13 @@ def _open(path: str, filesystems: dict[str, tuple[Any, int]]) -> Any:
 
 
 def _place(source: str) -> str:
-    """A folder, glob or URI as one spelling: "photos", "./photos/" and its absolute path are one source."""
-    return source.rstrip("/") if _is_uri(source) else os.path.abspath(os.path.expanduser(source))
+    """A folder, glob or URI resolved to one spelling: "photos" in /data, "/data/photos/", a link to it and
+    "file:///data/photos" are one place."""
+    if source.startswith("file://"):
+        source = source[len("file://") :]
+    elif _is_uri(source):
+        return source.rstrip("/")
+    return os.path.realpath(os.path.expanduser(source))
 
 
 class _OutputFolder:
@@ -615,11 +621,11 @@ class _Job:
         slice_paths = self.paths[start : start + self.shard_size]
         return hashlib.sha256("\n".join(slice_paths).encode("utf-8", "surrogatepass")).hexdigest()
 
-    def prepare(self, source: str | None) -> list[int]:
+    def prepare(self, place: str | None) -> list[int]:
         """Clean the folder of what no run will use (temporary files, the old manifest, shards of other inputs)
         and return the numbers of the shards to write. Raises EmbedError for a folder holding files not ours, or
-        the complete output of an embed of another folder, glob or URI than `source` (None: a list or a Dataset,
-        not compared)."""
+        the complete output of an embed of another folder, glob or URI than `place` (`_place` of the source;
+        None for a list or a Dataset, not compared)."""
         names = self.folder.names()
         manifest = self.folder.path(MANIFEST_NAME)
         if MANIFEST_NAME in names:
@@ -630,11 +636,11 @@ class _Job:
                 old = None
             if not isinstance(old, dict) or old.get("format") != FORMAT:
                 raise EmbedError(f"{manifest} was not written by openclip-lite's embed; give an empty or new folder")
-            if isinstance(old.get("source"), str) and isinstance(source, str) and _place(old["source"]) != _place(source):
+            if isinstance(old.get("place"), str) and place is not None and old["place"] != place:
                 # its shards would all be redone for the new inputs: a finished job lost to a mistyped --out
                 raise EmbedError(
-                    f"{self.folder.name} holds the finished embed of {old['source']} ({old.get('count')} images); "
-                    f"embedding {source} there would replace it: give a new folder, or delete that one first"
+                    f"{self.folder.name} holds the finished embed of {old['place']} ({old.get('count')} images); "
+                    f"embedding {place} there would replace it: give a new folder, or delete that one first"
                 )
         keep = {self.shard_name(n): n for n in range(self.shard_count() or 0)}
         for name in names:
@@ -753,7 +759,7 @@ class _Job:
 
     # -- after the run
 
-    def finish(self, source: Any) -> EmbedResult:
+    def finish(self, source: Any, place: str | None) -> EmbedResult:
         """Check that every shard is done, remove stale shards of an image-column Dataset, write the manifest."""
         expected = self.shard_count()
         numbers = sorted(self.done)
@@ -780,6 +786,7 @@ class _Job:
             "count": count,
             "inputs": inputs,
             "source": source,
+            "place": place,  # the source resolved (an absolute path or a URI), to tell a later run of another apart
             "shard_size": self.shard_size,
             "shards": [{"file": name, "start": self.done[n]["start"], "stop": self.done[n]["stop"], "count": self.done[n]["count"]} for n, name in zip(numbers, shards)],
             "skipped": [{"path": p, "reason": e} for p, e in skipped],

@@ -122,14 +122,16 @@ def open_shards(folder: str | os.PathLike) -> Shards:
         raise ShardError(f"{folder} holds no Parquet shards (*.parquet); make them with: openclip-lite embed SOURCE --engine ray --out {folder}")
     manifest = _manifest(filesystem, f"{root}/{MANIFEST_NAME}") if MANIFEST_NAME in names else {}
     counts, dim = [], manifest.get("dim")
-    inputs = 0  # where the next shard of an embed job must start: its shards cover the inputs without a gap
+    inputs: int | None = 0  # where the next shard of an embed job must start (None: unknown, after another file)
     for file in files:
         parquet = pq.ParquetFile(filesystem.open_input_file(file))
         missing = {PATH_COLUMN, EMBEDDING_COLUMN} - set(parquet.schema_arrow.names)
         if missing:
             raise ShardError(f"{file} lacks the column(s) {sorted(missing)}; it is not an embedding shard: move it out of {folder}")
         job = _job_metadata(parquet.schema_arrow)
-        if job is not None:
+        if job is None or job["count"] != parquet.metadata.num_rows:  # not embed's, or rewritten by another tool
+            inputs = None
+        elif inputs is not None:
             if job["start"] != inputs:
                 # a job still running writes shards as they finish, in any order: reading past a missing one would
                 # number every later row wrongly (and a Milvus load resumed later would skip and repeat rows)
@@ -153,15 +155,16 @@ def open_shards(folder: str | os.PathLike) -> Shards:
 
 
 def _job_metadata(schema: Any) -> dict | None:
-    """The slice of inputs an embed shard covers ({"start", "stop"}), from its footer; None for other Parquet files."""
+    """The slice of inputs an embed shard covers and its rows ({"start", "stop", "count"}), from its footer; None
+    for other Parquet files."""
     try:
         meta = json.loads((schema.metadata or {}).get(METADATA_KEY, b"null"))
     except ValueError:
         return None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         return None
-    start, stop = meta.get("start"), meta.get("stop")
-    return {"start": start, "stop": stop} if isinstance(start, int) and isinstance(stop, int) else None
+    job = {key: meta.get(key) for key in ("start", "stop", "count")}
+    return job if all(isinstance(value, int) for value in job.values()) else None
 
 
 def _manifest(filesystem: Any, file: str) -> dict:

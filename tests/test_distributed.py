@@ -17,6 +17,7 @@ import threading
 import time
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray
@@ -204,8 +205,13 @@ def test_finished_output_of_another_source_is_kept(clean_run, checkpoint, image_
     with pytest.raises(EmbedError, match=f"holds the finished embed of {image_dir}"):
         embed(str(image_dir / "group0"), checkpoint, output, progress=False)
     assert {name: (output / name).read_bytes() for name in os.listdir(output)} == before
-    # the same folder spelt another way is the same source: nothing to redo
-    again = embed(str(image_dir) + "/", checkpoint, output, batch_size=BATCH_SIZE, shard_size=SHARD_SIZE, progress=False)
+    # the same folder spelt another way (from inside it) is the same source: nothing to redo
+    cwd = os.getcwd()
+    os.chdir(image_dir)
+    try:
+        again = embed(".", checkpoint, output, batch_size=BATCH_SIZE, shard_size=SHARD_SIZE, progress=False)
+    finally:
+        os.chdir(cwd)
     assert again.written == [] and again.reused == clean_run[0].shards
 
 
@@ -224,6 +230,15 @@ def test_readers_refuse_a_folder_with_a_shard_missing(clean_run, tmp_path):
         open_shards(output)
     with pytest.raises(ShardError, match="has not finished"):
         load_shards_into_milvus(output, tmp_path / "m.db", "photos")
+
+    # two shards compacted into one file by another tool keep the first one's footer, which no longer describes it
+    compacted = tmp_path / "compacted"
+    shutil.copytree(clean_run[1], compacted)
+    first, second = (compacted / name for name in clean_run[0].shards[:2])
+    pq.write_table(pa.concat_tables([pq.read_table(first), pq.read_table(second)]), first)
+    second.unlink()
+    (compacted / MANIFEST_NAME).unlink()
+    assert len(open_shards(compacted)) == clean_run[0].count
 
 
 # ---------------------------------------------------------------------------------------------------- failures
