@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 from torchvision.transforms import Compose, Normalize, ToTensor
 
 from .errors import ImageError
@@ -145,10 +145,12 @@ def _walk_images(folder: str) -> Iterable[str]:
 
 
 class _ImageDataset(Dataset):
-    """Item i -> (i, pixels or None, the exception or None); runs in the DataLoader's workers.
+    """Item i -> (i, pixels or None, the exception or None, warnings); runs in the DataLoader's workers.
 
     A file that cannot be read is returned in the item rather than raised, so that one bad file neither stops
-    the workers nor arrives in the main process wrapped in a worker traceback.
+    the workers nor arrives in the main process wrapped in a worker traceback. Warnings raised in a worker
+    process (a 16-bit image clipped) come back in the item too, to be warned again in the main process, where the
+    caller can see and filter them; in the main process they are warned as they happen.
     """
 
     def __init__(self, images: Sequence[ImageLike], transform: Callable, uint8_output: bool):
@@ -159,7 +161,16 @@ class _ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, i: int) -> tuple[int, Tensor | None, Exception | None]:
+    def __getitem__(self, i: int) -> tuple[int, Tensor | None, Exception | None, list[tuple]]:
+        if get_worker_info() is None:
+            return (*self._load(i), [])
+        with warnings.catch_warnings(record=True) as caught:  # a worker process runs one item at a time
+            warnings.simplefilter("always")
+            item = self._load(i)
+        # (text, category, file, line): what warn_explicit needs, and picklable whatever the warning held
+        return (*item, [(str(w.message), w.category, w.filename, w.lineno) for w in caught])
+
+    def _load(self, i: int) -> tuple[int, Tensor | None, Exception | None]:
         item = self.images[i]
         name = f"image {i}" if isinstance(item, Image.Image) else os.fspath(item)
         try:
@@ -186,16 +197,18 @@ def _to_uint8_tensor(image: Image.Image | Tensor) -> Tensor:
     return ToTensor()(image)
 
 
-def _collate(items: list[tuple[int, Tensor | None, Exception | None]]) -> tuple[Tensor, Tensor | None, list[tuple[int, Exception]]]:
-    """-> (indices of the good items (b,), their pixels stacked (b, 3, res, res) or None, [(index, exception)])"""
-    good = [(i, pixels) for i, pixels, error in items if error is None]
-    failed = [(i, error) for i, pixels, error in items if error is not None]
+def _collate(items: list[tuple]) -> tuple[Tensor, Tensor | None, list[tuple[int, Exception]], list[tuple]]:
+    """-> (indices of the good items (b,), their pixels stacked (b, 3, res, res) or None, [(index, exception)],
+    the warnings the workers caught)"""
+    good = [(i, pixels) for i, pixels, error, _ in items if error is None]
+    failed = [(i, error) for i, pixels, error, _ in items if error is not None]
+    caught = [warning for *_, notes in items for warning in notes]
     if not good:
-        return torch.empty(0, dtype=torch.long), None, failed
+        return torch.empty(0, dtype=torch.long), None, failed, caught
     tensors = [pixels for _, pixels in good]
     if any(t.dtype != torch.uint8 for t in tensors):  # a mixed batch: bring all to ToTensor's float
         tensors = [t.float().div(255) if t.dtype == torch.uint8 else t for t in tensors]
-    return torch.tensor([i for i, _ in good]), torch.stack(tensors), failed
+    return torch.tensor([i for i, _ in good]), torch.stack(tensors), failed, caught
 
 
 def _split_normalisation(preprocess: Callable) -> tuple[Callable, Normalize | None]:
@@ -294,7 +307,9 @@ def encode_images(
     skipped: list[tuple[int, str]] = []
     count = 0
     try:
-        for indices, pixels, failed in loader:
+        for indices, pixels, failed, caught in loader:
+            for text, category, filename, lineno in caught:
+                warnings.warn_explicit(text, category, filename, lineno)
             for i, error in failed:
                 if on_error == "raise":
                     raise error

@@ -191,6 +191,19 @@ def test_broken_files_are_skipped_with_a_warning_naming_each(vit, tmp_path, num_
     assert "embedding images" in capsys.readouterr().err  # the progress bar
 
 
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_warnings_in_workers_reach_the_caller(vit, tmp_path, num_workers):
+    # a 16-bit image is clipped to 8 bits (as OpenAI's preprocessing does) with a warning; a worker's warning went
+    # to the worker's stderr, where the caller could neither catch nor filter it
+    _, model, preprocess, _ = vit
+    deep = tmp_path / "deep.png"
+    Image.fromarray(np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 16).save(deep)
+    paths = [*write_images(tmp_path)[:3], str(deep)]
+    with pytest.warns(UserWarning, match="deep.png has mode I") as record:
+        clip.encode_images(model, preprocess, paths, batch_size=2, num_workers=num_workers)
+    assert sum("deep.png" in str(w.message) for w in record) == 1
+
+
 def test_broken_files_raise_by_default(vit, tmp_path):
     _, model, preprocess, _ = vit
     good = write_images(tmp_path)
