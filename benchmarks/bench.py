@@ -314,8 +314,9 @@ def check_outputs(name: str, sd: dict[str, Tensor], impls: list[Implementation],
             image_error = relative_error(impl.encode_image(image.to(dtype)).float(), expected_image)
             text_error = relative_error(impl.encode_text(text).float(), expected_text)
             errors.append(f"{impl.name} image {image_error:.1e} text {text_error:.1e}")
-            if max(image_error, text_error) > TOLERANCE[dtype]:
-                sys.exit(f"{name}: {impl.name} differs from OpenAI's fp32 features by {max(image_error, text_error):.2e} (> {TOLERANCE[dtype]:.0e}); its numbers would not be comparable")
+            worst = max(image_error, text_error) if math.isfinite(image_error + text_error) else float("nan")
+            if not worst <= TOLERANCE[dtype]:  # NaN (an fp16 overflow) fails too
+                sys.exit(f"{name}: {impl.name} differs from OpenAI's fp32 features by {worst:.2e} (> {TOLERANCE[dtype]:.0e}); its numbers would not be comparable")
     print(f"# {name}: max relative error vs OpenAI's code in fp32: " + "; ".join(errors), flush=True)
 
 

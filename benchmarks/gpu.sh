@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The GPU checks of issues 6 and 8 in one go, sized for one call on a lent H100/H200 (about 9 minutes):
-# the CUDA tests (fp16 against OpenAI's code, reduced precision, batch-size independence), then
-# benchmarks/bench.py and benchmarks/pipeline.py on the GPU. Logs land in $OUT (or /tmp/gpu-out).
+# The GPU checks of issues 6 and 8 in one go, sized for one call on a lent H100/H200 (at most about 9.5 minutes:
+# run it with timeout_s=600 and carry [".whl"], then give the machine back): the CUDA tests (fp16 against OpenAI's
+# code, reduced precision, GPU search, the fp16 model from both download sources), then benchmarks/bench.py and
+# benchmarks/pipeline.py on the GPU. Logs land in $OUT (or /tmp/gpu-out).
 #
 # The device image has torch, torchvision, transformers, timm, pyarrow, hypothesis and pytest, not the reference
 # implementations or ftfy. Fetch their wheels here first (pure Python, any platform), from the repository root:
@@ -22,11 +23,12 @@ out="${OUT:-/tmp/gpu-out}"
 mkdir -p "$out"
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+df -h /dev/shm | tee -a "$out/gpu.txt"  # the DataLoader workers' batches travel through it (about 1.2 GB in flight)
 python3 -c "import torch, clip, open_clip, transformers; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" | tee -a "$out/gpu.txt"
 
 # only the files whose CUDA tests need nothing the image lacks (faiss, ray, milvus, fastapi are not there)
-timeout 150 python3 -m pytest -q -m cuda -p no:cacheprovider \
+timeout 120 python3 -m pytest -q -m cuda -p no:cacheprovider --continue-on-collection-errors \
     tests/test_model.py tests/test_speed_paths.py tests/test_intermediates.py tests/test_search.py tests/test_robustness.py \
-    2>&1 | tee "$out/cuda-tests.txt"
-timeout 270 python3 benchmarks/bench.py --device cuda 2>&1 | tee "$out/bench-cuda.txt"
+    tests/test_download.py 2>&1 | tee "$out/cuda-tests.txt"
+timeout 300 python3 benchmarks/bench.py --device cuda 2>&1 | tee "$out/bench-cuda.txt"
 timeout 120 python3 benchmarks/pipeline.py --device cuda --arch ViT-B/16 --images 5000 2>&1 | tee "$out/pipeline-cuda.txt"
