@@ -856,6 +856,8 @@ def _build_params(kind: str, n: int, dim: int, metric: str, budget: int | None, 
             raise ValueError(f"nlist={params['nlist']} cells need at least as many training vectors; got {n}")
     if kind == "ivf_pq":
         params.setdefault("nbits", _default_nbits(n))
+        if n < 2:  # even 1-bit codes need two centroids, learnt from two vectors
+            raise ValueError(f"ivf_pq learns its codebooks from the features; build it from at least two vectors (got {n})")
         if params["nbits"] > 16 or 2 ** params["nbits"] > min(n, TRAIN_MAX):
             raise ValueError(
                 f"nbits={params['nbits']} needs 2**nbits <= 65536 codebook centroids and at least as many training "

@@ -421,6 +421,8 @@ def test_bad_builds_are_clear_errors(data):
             build_index(x, **kwargs)
     with pytest.raises(ValueError, match="learns its cells"):
         build_index(np.zeros((0, DIM), dtype=np.float32), kind="ivf_flat")
+    with pytest.raises(ValueError, match="at least two vectors"):  # it advised "nbits <= 1", the value in use
+        build_index(x[:1], kind="ivf_pq")
 
 
 def test_parse_memory():
