@@ -222,10 +222,7 @@ def _export(module: nn.Module, example: Tensor, path: str, input_name: str, outp
     for exporter, next_exporter in zip(exporters, exporters[1:] + [None]):
         try:
             with torch.no_grad():
-                if exporter == "dynamo":
-                    _export_dynamo(module, example, path, input_name, output_name, opset, external_data)
-                else:
-                    _export_torchscript(module, example, path, input_name, output_name, opset)
+                _export_with(exporter, module, example, path, input_name, output_name, opset, external_data)
             return exporter, _check_graph(path, opset)
         except Exception as e:  # the exporters raise many kinds of errors; any of them means: try the next one
             failures.append(f"the {exporter} exporter failed ({_reason(e)})")
@@ -239,22 +236,13 @@ def _export(module: nn.Module, example: Tensor, path: str, input_name: str, outp
     raise ExportError("no exporter to try")  # not reached: _exporters never returns an empty list
 
 
-def _export_dynamo(module: nn.Module, example: Tensor, path: str, input_name: str, output_name: str, opset: Optional[int], external_data: bool) -> None:
-    torch.onnx.export(
-        module,
-        (example,),
-        path,
-        dynamo=True,
-        input_names=[input_name],
-        output_names=[output_name],
-        opset_version=opset,
-        dynamic_shapes={input_name: {0: torch.export.Dim("batch", min=1)}},
-        external_data=external_data,
-        verbose=False,
-    )
-
-
-def _export_torchscript(module: nn.Module, example: Tensor, path: str, input_name: str, output_name: str, opset: Optional[int]) -> None:
+def _export_with(exporter: str, module: nn.Module, example: Tensor, path: str, input_name: str, output_name: str, opset: Optional[int], external_data: bool) -> None:
+    """One `torch.onnx.export` call with a dynamic batch dimension, by the "dynamo" or the "torchscript" exporter."""
+    common = {"input_names": [input_name], "output_names": [output_name], "opset_version": opset, "verbose": False}
+    if exporter == "dynamo":
+        batch = torch.export.Dim("batch", min=1)
+        torch.onnx.export(module, (example,), path, dynamo=True, dynamic_shapes={input_name: {0: batch}}, external_data=external_data, **common)
+        return
     with warnings.catch_warnings():
         # chosen on purpose, not a user's mistake: torch's notice that this exporter is the legacy one, and the tracer's
         # note that the input checks in encode_image / encode_text become constants (they hold for any batch size)
@@ -263,17 +251,7 @@ def _export_torchscript(module: nn.Module, example: Tensor, path: str, input_nam
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         # the graphs index with arange and argmax positions, never negative: the case this warns of does not arise
         warnings.filterwarnings("ignore", message="Exporting aten::index operator of advanced indexing", category=UserWarning)
-        torch.onnx.export(
-            module,
-            (example,),
-            path,
-            dynamo=False,
-            input_names=[input_name],
-            output_names=[output_name],
-            opset_version=opset,
-            dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}},
-            verbose=False,
-        )
+        torch.onnx.export(module, (example,), path, dynamo=False, dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}}, **common)
 
 
 def _check_graph(path: str, opset: Optional[int]) -> int:
