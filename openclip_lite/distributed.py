@@ -501,6 +501,16 @@ def _open(path: str, filesystems: dict[str, tuple[Any, int]]) -> Any:
 # ---------------------------------------------------------------------------------------------------- output
 
 
+def footer_metadata(schema: Any) -> dict | None:
+    """The `openclip_lite` key-value metadata a shard's Parquet schema carries, or None for a file not ours."""
+    raw = (schema.metadata or {}).get(METADATA_KEY)
+    try:
+        meta = json.loads(raw) if raw else None
+    except ValueError:
+        return None
+    return meta if isinstance(meta, dict) and meta.get("format") == FORMAT else None
+
+
 def _place(source: str) -> str:
     """A folder, glob or URI resolved to one spelling: "photos" in /data, "/data/photos/", a link to it and
     "file:///data/photos" are one place."""
@@ -546,12 +556,7 @@ class _OutputFolder:
             schema = pq.read_schema(self.path(name), filesystem=self.fs)
         except (OSError, ValueError):  # pyarrow's errors for a file that is not Parquet, or cut short
             return None
-        raw = (schema.metadata or {}).get(METADATA_KEY)
-        try:
-            meta = json.loads(raw) if raw else None
-        except ValueError:
-            return None
-        return meta if isinstance(meta, dict) and meta.get("format") == FORMAT else None
+        return footer_metadata(schema)
 
     def write_atomically(self, name: str, write: Callable[[str], None]) -> None:
         """`write(temporary path)`, then rename to `name`: a reader never sees a half-written file under `name`."""

@@ -509,8 +509,7 @@ def load_shards_into_milvus(
 
 def _check_loaded_prefix(index: MilvusIndex, shards: Any, done: int, shards_dir: Any) -> None:
     """The collection's `done` rows must be the first `done` rows of `shards`, for a load to go on after them."""
-    starts = np.concatenate([[0], np.cumsum(shards.counts)[:-1]])
-    rows = sorted({int(s) for s in starts if s < done} | {done - 1})
+    rows = sorted({int(s) for s in shards.starts[:-1] if s < done} | {done - 1})
     expected = torch.nn.functional.normalize(torch.from_numpy(shards.take(np.array(rows))), dim=1)
     found = {
         row[ID_FIELD]: row[VECTOR_FIELD]

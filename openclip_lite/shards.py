@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .distributed import FORMAT, MANIFEST_NAME, METADATA_KEY
+from .distributed import MANIFEST_NAME, footer_metadata
 from .errors import ShardError, require
 
 __all__ = ["ShardError", "Shards", "open_shards"]
@@ -39,10 +39,10 @@ class Shards:
         self.folder, self.files, self.counts = folder, files, counts
         self.dim, self.model = dim, model
         self._fs = filesystem
-        self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)  # shard k holds rows starts[k]..starts[k + 1] - 1
 
     def __len__(self) -> int:
-        return int(self._starts[-1])
+        return int(self.starts[-1])
 
     def __repr__(self) -> str:
         return f"Shards({self.folder!r}, shards={len(self.files)}, rows={len(self)}, dim={self.dim}, model={self.model!r})"
@@ -50,7 +50,7 @@ class Shards:
     def batches(self, batch_size: int = BATCH_ROWS, start: int = 0) -> Iterator[tuple[int, list[str], np.ndarray]]:
         """(position of the first row, paths, features float32 (rows, dim)) for every row from `start` on."""
         for number, file in enumerate(self.files):
-            position, end = int(self._starts[number]), int(self._starts[number + 1])
+            position, end = int(self.starts[number]), int(self.starts[number + 1])
             if end <= start:
                 continue  # wholly before `start`: not opened
             for batch in self._parquet(file).iter_batches(batch_size=batch_size, columns=[PATH_COLUMN, EMBEDDING_COLUMN]):
@@ -66,7 +66,7 @@ class Shards:
         out = np.empty((len(rows), self.dim), dtype=np.float32)
         done = 0
         for number, file in enumerate(self.files):
-            wanted = rows[(rows >= self._starts[number]) & (rows < self._starts[number + 1])] - self._starts[number]
+            wanted = rows[(rows >= self.starts[number]) & (rows < self.starts[number + 1])] - self.starts[number]
             if not len(wanted):
                 continue  # a shard none of the rows fall in is never opened
             position = 0
@@ -157,12 +157,7 @@ def open_shards(folder: str | os.PathLike) -> Shards:
 def _job_metadata(schema: Any) -> dict | None:
     """The slice of inputs an embed shard covers and its rows ({"start", "stop", "count"}), from its footer; None
     for other Parquet files."""
-    try:
-        meta = json.loads((schema.metadata or {}).get(METADATA_KEY, b"null"))
-    except ValueError:
-        return None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        return None
+    meta = footer_metadata(schema) or {}
     job = {key: meta.get(key) for key in ("start", "stop", "count")}
     return job if all(isinstance(value, int) for value in job.values()) else None
 
