@@ -266,11 +266,11 @@ def _blank_is(default: int) -> BeforeValidator:
 
 
 def _check_dimensions(index: Any, model: Any, model_name: str) -> None:
-    """ValueError naming both sizes when the model's features (its text projection's width) do not fit the index."""
-    projection = getattr(model, "text_projection", None)
-    model_dim = projection.shape[-1] if projection is not None else None
-    index_dim = _index_dim(index)
-    if model_dim is None or index_dim is None or int(model_dim) == index_dim:
+    """ValueError naming both sizes when the model's features do not fit the index."""
+    from .search import embed_dim
+
+    model_dim, index_dim = embed_dim(model), _index_dim(index)
+    if index_dim is None or model_dim == index_dim:
         return
     made_by = getattr(index, "model", "") or ""
     if made_by and made_by != model_name:
@@ -278,7 +278,7 @@ def _check_dimensions(index: Any, model: Any, model_name: str) -> None:
     else:
         remedy = "serve it with the model that made it"
     raise ValueError(
-        f"the model {model_name or '(unnamed)'} makes {int(model_dim)}-dimensional features but the index holds "
+        f"the model {model_name or '(unnamed)'} makes {model_dim}-dimensional features but the index holds "
         f"{index_dim}-dimensional ones, so no search could run; {remedy}, or embed the images again with this model"
     )
 
