@@ -321,9 +321,9 @@ class Index:
         queries : shape = (q, dim), e.g. encoded texts (for text search, pass these: text features sit apart from
             image features in CLIP's space, and recall on them can be lower). By default `n_queries` of the
             indexed vectors (a fixed random sample), each left out of both answers: otherwise every query finds
-            itself, which is easy and
-            would lift recall by up to 1/k. For hnsw this is still optimistic, since the graph links each indexed
-            vector to its neighbours (`build_index` tunes with held-out vectors instead); pass new queries there.
+            itself, which is easy and would lift recall by up to 1/k. For hnsw this is still optimistic, since the
+            graph links each indexed vector to its neighbours (`build_index` tunes with held-out vectors instead);
+            pass new queries there.
         features : the indexed vectors in the order added (shape = (len, dim)), for the exact answers. By default
             they are read back from the index: exact for flat, ivf_flat and hnsw; for ivf_sq8 and ivf_pq those
             are the quantised vectors, so the figure then leaves out the quantisation error (pass the features).
