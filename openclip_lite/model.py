@@ -9,11 +9,13 @@ towers read one token of the last block (the class token, the end-of-text token)
 query, attention output and MLP of that token only.
 
 Called one by one, the modules keep OpenAI's contracts (a block or a transformer takes and returns
-(n_ctx, batch_size, width), the attention pool returns a tensor), so code written against OpenAI's modules
-(prompt learners that call `model.transformer`, loops over `resblocks`) works unchanged. The shortcuts above leave
-out work whose result no one reads, and are taken only while nothing else can read it: a tower with a forward or
-backward hook anywhere in it runs OpenAI's order of operations on every position instead (see `unobserved`), and an
-MLP whose `c_fc`/`c_proj` are no longer plain `nn.Linear` (LoRA, quantisation) calls them. Same numbers either way.
+(n_ctx, batch_size, width), `attn` is an `nn.MultiheadAttention` called as OpenAI's blocks call it, `mlp` the
+`nn.Sequential` of c_fc, gelu, c_proj), so code written against OpenAI's modules (prompt learners that call
+`model.transformer`, loops over `resblocks`, LoRA that looks for `nn.MultiheadAttention`) works unchanged. The
+shortcuts above leave out work whose result no one reads, and are taken only while nothing else can read or
+change it: a tower with a hook anywhere in it, a module whose `forward` was replaced, or a module swapped for
+another class (a wrapper, LoRA, quantisation) runs OpenAI's order of operations on every position instead, each
+module called (see `pristine`). Same numbers either way.
 """
 
 import math
@@ -41,41 +43,57 @@ class QuickGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)
 
 
-def unobserved(*modules: nn.Module) -> bool:
-    """Whether no hook watches these modules or any module inside them.
+def built(module: nn.Module) -> None:
+    """Record the class of `module` and of every module inside it, for `pristine`: called last in `__init__`."""
+    module._built_classes = tuple(type(m) for m in module.modules())
+
+
+def pristine(*modules: nn.Module) -> bool:
+    """Whether these modules are as this file built them: no hook on them or on any module inside, no module's
+    `forward` replaced on the instance, no module swapped for another class (against the record `built` made).
 
     Only then may a tower compute around its modules' own forward, leaving out positions no one reads or folding a
-    weight into another product: a hook must see what OpenAI's module would give it. Checked at every call (a few
-    microseconds), so a hook added or removed at any time takes effect at the next call. Global module hooks
-    (`register_module_forward_hook`) do not count: profilers such as `FlopCounterMode` use them to measure the
-    code as it runs, not to read a module's output.
+    weight into another product: a hook, a patched `forward` or a wrapper must see, and change, what it would in
+    OpenAI's model. Checked at every call (about 0.1 ms for ViT-B/32's image tower), so a change made at any time
+    takes effect at the next call. Global module hooks (`register_module_forward_hook`) do not count: profilers
+    such as `FlopCounterMode` use them to measure the code as it runs, not to read a module's output.
     """
-    hooks = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-    return not any(getattr(m, name, None) for module in modules for m in module.modules() for name in hooks)
+    for module in modules:
+        inside = list(module.modules())
+        for m in inside:
+            state = m.__dict__
+            if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks or "forward" in state:
+                return False
+        record = getattr(module, "_built_classes", None)
+        if record is not None and tuple(type(m) for m in inside) != record:
+            return False
+    return True
 
 
-class MultiheadAttention(nn.Module):
-    """Self-attention with the parameter names of `nn.MultiheadAttention` (packed `in_proj_weight`), batch first.
+def causal_mask(n_ctx: int, dtype: torch.dtype = torch.float32, device: "torch.device | str | None" = None) -> Tensor:
+    """OpenAI's additive causal mask, (n_ctx, n_ctx): 0 on and below the diagonal, -inf above it."""
+    return torch.full((n_ctx, n_ctx), float("-inf"), dtype=dtype, device=device).triu_(1)
+
+
+class MultiheadAttention(nn.MultiheadAttention):
+    """OpenAI's attention module, torch's `nn.MultiheadAttention` (same parameters, call, hooks and attributes),
+    with the batch-first paths the towers take while nothing watches.
 
     `nn.MultiheadAttention` wants sequence-first tensors and falls back to a slow path whenever a mask or fp16 on
-    CPU is involved; this one always calls `F.scaled_dot_product_attention`, which picks flash/memory-efficient
-    kernels on GPU.
+    CPU is involved; `self_attention` always calls `F.scaled_dot_product_attention` (flash/memory-efficient
+    kernels on GPU) with the packed `in_proj` weights, causal through `is_causal`.
     """
 
     def __init__(self, width: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
-        self.in_proj_bias = nn.Parameter(torch.empty(3 * width))
-        self.out_proj = nn.Linear(width, width)
+        super().__init__(width, heads)
 
-    def forward(self, x: Tensor, causal: bool = False, need_weights: bool = False) -> tuple[Tensor, Optional[Tensor]]:
+    def self_attention(self, x: Tensor, causal: bool = False, need_weights: bool = False) -> tuple[Tensor, Optional[Tensor]]:
         """
         x : shape = (batch_size, n_ctx, width)
         returns the output, same shape, and with `need_weights` the attention maps (batch_size, heads, n_ctx, n_ctx)
         """
         n, t, c = x.shape
-        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(n, t, 3, self.heads, c // self.heads).unbind(2)
+        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(n, t, 3, self.num_heads, self.head_dim).unbind(2)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (n, heads, t, head_dim)
         if need_weights:
             out, weights = attention_with_weights(q, k, v, causal)
@@ -94,9 +112,9 @@ class MultiheadAttention(nn.Module):
         n, t, c = x.shape
         w_q, w_k, w_v = self.in_proj_weight.split(c)
         b_q, _, b_v = self.in_proj_bias.split(c)
-        q = F.linear(x[torch.arange(n, device=x.device), rows], w_q, b_q) * (c // self.heads) ** -0.5  # (n, width)
-        q = q.view(n, self.heads, c // self.heads).transpose(0, 1)  # (heads, n, head_dim): one batched matmul per head, no broadcast copies
-        w_k, w_v = w_k.view(self.heads, -1, c), w_v.view(self.heads, -1, c)  # (heads, head_dim, width)
+        q = F.linear(x[torch.arange(n, device=x.device), rows], w_q, b_q) * self.head_dim**-0.5  # (n, width)
+        q = q.view(n, self.num_heads, self.head_dim).transpose(0, 1)  # (heads, n, head_dim): one batched matmul per head, no broadcast copies
+        w_k, w_v = w_k.view(self.num_heads, -1, c), w_v.view(self.num_heads, -1, c)  # (heads, head_dim, width)
         scores = torch.bmm(q, w_k).transpose(0, 1) @ x.transpose(1, 2)  # (n, heads, width) @ (n, width, t) -> (n, heads, t)
         if causal:
             scores = scores.masked_fill(torch.arange(t, device=x.device) > rows.view(n, 1, 1), float("-inf"))
@@ -127,19 +145,31 @@ class ResidualAttentionBlock(nn.Module):
         self.ln_1 = LayerNorm(width)
         self.mlp = MLP(width, width * 4)
         self.ln_2 = LayerNorm(width)
+        built(self)
 
     def forward(self, x: Tensor, batch_first: bool = False) -> Tensor:
         """x : shape = (n_ctx, batch_size, width) as OpenAI's block, or (batch_size, n_ctx, width) -> the same shape"""
-        return self.attend(x, batch_first)[0]
+        if pristine(self):
+            return self.attend(x, batch_first)[0]
+        # watched, patched or changed inside: OpenAI's steps, every module called as there, residuals summed anew
+        x = x.transpose(0, 1) if batch_first else x
+        x = x + self.attention(self.ln_1(x))
+        x = x + self.mlp(self.ln_2(x))
+        return x.transpose(0, 1) if batch_first else x
+
+    def attention(self, x: Tensor) -> Tensor:
+        """x : shape = (n_ctx, batch_size, width) -> the same shape: `attn` called as OpenAI's block calls it"""
+        mask = causal_mask(x.shape[0], x.dtype, x.device) if self.causal else None
+        return self.attn(x, x, x, need_weights=False, attn_mask=mask)[0]
 
     def attend(self, x: Tensor, batch_first: bool = False, need_weights: bool = False) -> tuple[Tensor, Optional[Tensor]]:
-        """`forward`, and with `need_weights` the attention maps (batch_size, heads, n_ctx, n_ctx)
+        """`forward` on the fast path, and with `need_weights` the attention maps (batch_size, heads, n_ctx, n_ctx)
 
         Only the attention needs batch first (SDPA's layout); every other module gets the layout it gets in
-        OpenAI's block, so a hook on `ln_1` or `mlp` sees the same tensor.
+        OpenAI's block.
         """
         h = self.ln_1(x)
-        attn, weights = self.attn(h if batch_first else h.transpose(0, 1), self.causal, need_weights)
+        attn, weights = self.attn.self_attention(h if batch_first else h.transpose(0, 1), self.causal, need_weights)
         x = (attn if batch_first else attn.transpose(0, 1)).add_(x)  # each residual is summed into its branch's fresh output: the input untouched
         x = self.mlp(self.ln_2(x)).add_(x)
         return x, weights
@@ -154,24 +184,23 @@ class ResidualAttentionBlock(nn.Module):
         return self.mlp(self.ln_2(x)).add_(x)
 
 
-class MLP(nn.Module):
-    """c_fc -> QuickGELU -> c_proj, OpenAI's names, with QuickGELU folded into the two matmuls.
+class MLP(nn.Sequential):
+    """OpenAI's `nn.Sequential` of c_fc -> gelu (QuickGELU) -> c_proj, run with QuickGELU folded into the two matmuls.
 
     x·σ(1.702x) = silu(1.702x) / 1.702, so c_fc's matmul emits 1.702·h directly (addmm's alpha and beta), one
     in-place SiLU replaces QuickGELU's three elementwise passes and three temporaries over the widest activation,
-    and c_proj's matmul divides by 1.702 (alpha). Equal to `QuickGELU` in between within rounding. When c_fc or
-    c_proj has been replaced (LoRA, quantisation) or is watched by a hook, they are called as modules instead.
+    and c_proj's matmul divides by 1.702 (alpha). Equal to calling the three within rounding, which is what runs
+    when one of them is watched or replaced (LoRA, quantisation).
     """
 
     def __init__(self, width: int, hidden: int):
-        super().__init__()
-        self.c_fc = nn.Linear(width, hidden)
-        self.c_proj = nn.Linear(hidden, width)
+        super().__init__(OrderedDict([("c_fc", nn.Linear(width, hidden)), ("gelu", QuickGELU()), ("c_proj", nn.Linear(hidden, width))]))
+        built(self)
 
     def forward(self, x: Tensor) -> Tensor:
         """x : shape = (..., width) -> (..., width)"""
-        if type(self.c_fc) is not nn.Linear or type(self.c_proj) is not nn.Linear or not unobserved(self):
-            return self.c_proj(QuickGELU()(self.c_fc(x)))
+        if not pristine(self):
+            return super().forward(x)
         h = torch.addmm(self.c_fc.bias, x.reshape(-1, x.shape[-1]), self.c_fc.weight.t(), beta=1.702, alpha=1.702)
         h = F.silu(h, inplace=True)
         return torch.addmm(self.c_proj.bias, h, self.c_proj.weight.t(), alpha=1 / 1.702).view(*x.shape[:-1], self.c_proj.out_features)
@@ -184,6 +213,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.width, self.layers, self.causal = width, layers, causal
         self.resblocks = nn.Sequential(*[ResidualAttentionBlock(width, heads, causal) for _ in range(layers)])
+        built(self)
 
     def forward(self, x: Tensor) -> Tensor:
         """x : shape = (n_ctx, batch_size, width) -> the same shape, as OpenAI's `model.transformer(x)`"""
@@ -193,11 +223,11 @@ class Transformer(nn.Module):
         """x : shape = (batch_size, n_ctx, width) -> the outputs at one position per batch item, (batch_size, width)
 
         Nothing in the last block reaches another position, so it computes those positions alone: in ViT-B/32 that
-        is 1/50 of the last block's matmuls, 8% of the tower's. Only for an unobserved stack (see `unobserved`).
+        is 1/50 of the last block's matmuls, 8% of the tower's. Only for a stack as built (see `pristine`).
         """
         *blocks, last = self.resblocks
         for block in blocks:
-            x = block(x, batch_first=True)  # called, so that wrappers (activation checkpointing) take part
+            x = block.attend(x, batch_first=True)[0]
         return last.forward_rows(x, rows)
 
     def forward_intermediates(self, x: Tensor, need_weights: bool = False) -> tuple[Tensor, list[Tensor], list[Tensor]]:
@@ -205,8 +235,8 @@ class Transformer(nn.Module):
         every block's attention maps."""
         hidden, maps = [], []
         for block in self.resblocks:
-            # called where no maps are wanted, so that hooks and wrappers on the blocks take part as in `forward`
-            x, weights = block.attend(x, True, need_weights) if need_weights else (block(x, batch_first=True), None)
+            # called as OpenAI's blocks are where no maps are wanted, so that hooks and wrappers take part as in `forward`
+            x, weights = block.attend(x, True, need_weights) if need_weights else (block(x.transpose(0, 1)).transpose(0, 1), None)
             hidden.append(x)
             if need_weights:
                 maps.append(weights)
@@ -227,6 +257,7 @@ class VisionTransformer(nn.Module):
         self.transformer = Transformer(width, layers, heads)
         self.ln_post = LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
+        built(self)
 
     def embed(self, x: Tensor) -> Tensor:
         """x : shape = (batch_size, 3, res, res) -> tokens (batch_size, grid ** 2 + 1, width), class token first"""
@@ -234,7 +265,7 @@ class VisionTransformer(nn.Module):
         p, gh, gw = self.patch_size, h // self.patch_size, w // self.patch_size  # the grid the convolution makes
         if gh * gw + 1 != self.positional_embedding.shape[0]:
             raise image_size_error(h, w, self.input_resolution)
-        if type(self.conv1) is nn.Conv2d and unobserved(self.conv1):
+        if type(self.conv1) is nn.Conv2d and pristine(self.conv1):
             # conv1 (kernel = stride = patch) is one matmul over the image's patch x patch tiles, each flattened as
             # the kernel is (channel, row, column); on the CPU ~20% faster than the convolution, and the tokens come
             # out in (n, grid ** 2, width) order. Pixels past the last whole tile are dropped, as the convolution does.
@@ -249,10 +280,10 @@ class VisionTransformer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x : shape = (batch_size, 3, res, res) -> (batch_size, output_dim)"""
-        if unobserved(self):
+        if pristine(self):
             cls = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)  # the class token is the one read out
             return self.ln_post(self.transformer.forward_rows(self.embed(x), cls)) @ self.proj
-        # watched: every position through every block, each module called on what it gets in OpenAI's model
+        # watched or changed: every position through every block, each module called on what it gets in OpenAI's model
         x = self.transformer(self.embed(x).transpose(0, 1)).transpose(0, 1)
         return self.ln_post(x[:, 0, :]) @ self.proj
 
@@ -424,6 +455,7 @@ class ModifiedResNet(nn.Module):
 
         embed_dim = width * 32  # the ResNet feature dimension
         self.attnpool = AttentionPool2d(input_resolution // 32, embed_dim, heads, output_dim)
+        built(self)
 
     def _make_layer(self, planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
         layers = [Bottleneck(self._inplanes, planes, stride)]
@@ -437,8 +469,9 @@ class ModifiedResNet(nn.Module):
         if -(-h // 2) // 16 != grid or -(-w // 2) // 16 != grid:  # the map the attention pool gets: a stride-2 conv, then four halvings
             raise image_size_error(h, w, self.input_resolution)
         # channels_last (NHWC): the layout oneDNN and cuDNN convolve fastest; every later activation inherits it.
-        # Not while a hook watches: it gets OpenAI's contiguous NCHW tensors, on which `.view(n, -1)` works
-        layout = torch.channels_last if unobserved(self) else torch.contiguous_format
+        # Not while a hook watches (it gets OpenAI's contiguous NCHW tensors, on which `.view(n, -1)` works), nor in
+        # training: batch statistics summed over NHWC on the CPU carry ~17x the rounding error, and gradients drift
+        layout = torch.channels_last if pristine(self) and not self.training else torch.contiguous_format
         x = x.to(dtype=self.conv1.weight.dtype, memory_format=layout)
         x = self.relu1(self.bn1(self.conv1(x)))
         x = self.relu2(self.bn2(self.conv2(x)))
@@ -547,6 +580,11 @@ class CLIP(nn.Module):
         nn.init.normal_(self.text_projection, std=self.transformer.width**-0.5)
         self.logit_scale.fill_(math.log(1 / 0.07))
 
+    def build_attention_mask(self) -> Tensor:
+        """OpenAI's causal mask of the text tower, (context_length, context_length), for code that asks the model for
+        it; the blocks themselves attend causally through SDPA's `is_causal` (or `causal_mask` of their input's length)."""
+        return causal_mask(self.context_length)
+
     @property
     def dtype(self) -> torch.dtype:
         return self.visual.conv1.weight.dtype
@@ -589,11 +627,11 @@ class CLIP(nn.Module):
 
         `full_context` runs every position (see `embed_text`): the same features, slower; for graph export.
         """
-        if unobserved(self.token_embedding, self.transformer, self.ln_final):
+        if pristine(self.token_embedding, self.transformer, self.ln_final):
             x, eot = self.embed_text(text, full_context)
             x = self.transformer.forward_rows(x, eot)  # (batch_size, width), at each text's EOT
             return self.ln_final(x).type(self.dtype) @ self.text_projection
-        # watched: OpenAI's steps on all context_length positions, so that every hook sees what it sees there
+        # watched or changed: OpenAI's steps on all context_length positions, as every hook or wrapper sees them there
         x, eot = self.embed_text(text, full_context=True)
         x = self.transformer(x.transpose(0, 1)).transpose(0, 1)
         x = self.ln_final(x).type(self.dtype)

@@ -249,8 +249,138 @@ def test_wrapped_blocks_are_called_and_hooks_fire_in_intermediates():
     Wrapper.calls = 0
     tokens = openai_clip.tokenize(TEXTS)
     assert relative_error(ours.encode_text(tokens), ref.encode_text(tokens)) < 1e-5
-    assert Wrapper.calls == len(blocks) - 1  # every block but the last, which computes one token per text
+    assert Wrapper.calls == len(blocks)  # every block, the last too: a wrapper may change what its block gives
     seen, handles = hook_outputs([ours.visual.transformer.resblocks[0]])
     ours.forward_intermediates(image=images(ref))
     handles[0].remove()
     assert len(seen) == 1
+
+
+class Tanh(nn.Module):
+    """A plain wrapper that changes its block's output, as adapters and prompt-tuning wrappers do."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(x).tanh()
+
+
+def patch_forward(module: nn.Module) -> None:
+    """MaskCLIP's and SCLIP's way: the instance's forward replaced, here by one that takes tanh of the output."""
+    forward = module.forward
+
+    def patched(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        return (out[0].tanh(), out[1]) if isinstance(out, tuple) else out.tanh()
+
+    module.forward = patched
+
+
+def change_last_block(how: str, blocks: nn.Sequential) -> None:
+    if how == "forward patched":
+        patch_forward(blocks[-1])
+    elif how == "attention's forward patched":
+        patch_forward(blocks[-1].attn)
+    elif how == "wrapped":
+        blocks[-1] = Tanh(blocks[-1])
+    elif how == "replaced by Identity":
+        blocks[-1] = nn.Identity()
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("tower", ["image", "text"])
+@pytest.mark.parametrize("how", ["forward patched", "attention's forward patched", "wrapped", "replaced by Identity"])
+def test_a_changed_last_block_is_what_runs(how, tower):
+    # the towers compute the last block's read-out token themselves while it is as built; a patched forward or a
+    # module put in its place must run instead, as in OpenAI's model, not be computed around
+    features = []
+    for model in (reference_model("tiny-vit"), build_model(reference_model("tiny-vit").state_dict())):
+        x = images(model) if tower == "image" else openai_clip.tokenize(TEXTS)
+        encode = model.encode_image if tower == "image" else model.encode_text
+        plain = encode(x)
+        change_last_block(how, (model.visual.transformer if tower == "image" else model.transformer).resblocks)
+        features.append(encode(x))
+        assert relative_error(features[-1], plain) > 1e-3  # the change shows in the features
+    assert relative_error(features[1], features[0]) < 1e-5
+
+
+def block_outputs(model: nn.Module, tower: str) -> list[nn.Module]:
+    blocks = (model.visual.transformer if tower == "image" else model.transformer).resblocks
+    return [blocks[0].attn, blocks[0].mlp, blocks[-1].attn, blocks[-1].mlp]
+
+
+@pytest.mark.parametrize("tower", ["image", "text"])
+def test_hooks_may_keep_outputs_and_take_gradients(tower):
+    # feature extractors keep a module's output without cloning it, attention-relevance code puts full backward
+    # hooks on `attn` and `mlp`: neither may see a tensor that the block later changes in place
+    seen = []
+    for model in (reference_model("tiny-vit"), build_model(reference_model("tiny-vit").state_dict())):
+        outputs, grads = [], []
+        handles = []
+        for module in block_outputs(model, tower):
+            handles.append(module.register_forward_hook(lambda module, args, out, kept=outputs: kept.append(out[0] if isinstance(out, tuple) else out)))
+            handles.append(module.register_full_backward_hook(lambda module, grad_in, grad_out, kept=grads: kept.append(grad_out[0])))
+        x = images(model) if tower == "image" else openai_clip.tokenize(TEXTS)
+        features = model.encode_image(x) if tower == "image" else model.encode_text(x)
+        features.square().sum().backward()
+        for handle in handles:
+            handle.remove()
+        seen.append((outputs, grads))
+    (ref_outputs, ref_grads), (our_outputs, our_grads) = seen
+    assert len(our_outputs) == len(ref_outputs) == 4 and len(our_grads) == len(ref_grads) == 4
+    for actual, expected in zip(our_outputs + our_grads, ref_outputs + ref_grads):
+        assert actual.shape == expected.shape and relative_error(actual.detach(), expected) < 1e-5
+
+
+@torch.no_grad()
+def test_attention_and_mlp_are_openais_modules():
+    # LoRA libraries find attention by `isinstance(m, nn.MultiheadAttention)` and call it as OpenAI's blocks do, or
+    # put a plain `nn.MultiheadAttention` in its place; neuron probes hook `mlp.gelu`
+    ref = reference_model("tiny-vit")
+    ours = build_model(ref.state_dict())
+    ref_attn, our_attn = ref.transformer.resblocks[0].attn, ours.transformer.resblocks[0].attn
+    assert isinstance(our_attn, nn.MultiheadAttention)
+    for name in ("embed_dim", "num_heads", "head_dim", "batch_first", "dropout"):
+        assert getattr(our_attn, name) == getattr(ref_attn, name), name
+    mask = ref.build_attention_mask()
+    assert torch.equal(ours.build_attention_mask(), mask)
+    x = torch.randn(77, 3, ref.transformer.width, generator=torch.Generator().manual_seed(4))
+    expected = ref_attn(x, x, x, need_weights=False, attn_mask=mask)[0]
+    assert relative_error(our_attn(x, x, x, need_weights=False, attn_mask=mask)[0], expected) < 1e-6
+    our_mlp, ref_mlp = ours.transformer.resblocks[0].mlp, ref.transformer.resblocks[0].mlp
+    assert isinstance(our_mlp, nn.Sequential) and list(dict(our_mlp.named_children())) == list(dict(ref_mlp.named_children()))
+    assert our_mlp[0] is our_mlp.c_fc and relative_error(our_mlp.gelu(x), ref_mlp.gelu(x)) < 1e-6
+    tokens = openai_clip.tokenize(TEXTS)
+    plain = ours.encode_text(tokens)
+    for model in (ref, ours):
+        for block in model.transformer.resblocks:
+            replacement = nn.MultiheadAttention(block.attn.embed_dim, block.attn.num_heads)
+            replacement.load_state_dict(block.attn.state_dict())
+            with torch.no_grad():
+                replacement.out_proj.weight.mul_(2)  # so that the replacement's own weights visibly run
+            block.attn = replacement
+    expected = ref.encode_text(tokens)
+    assert relative_error(expected, plain) > 1e-3
+    assert relative_error(ours.encode_text(tokens), expected) < 1e-5
+
+
+def test_resnet_trains_as_openais():
+    # fine-tuning a ResNet runs BatchNorm on batch statistics: in OpenAI's layout (NCHW), not channels_last, whose
+    # sums round differently, so that features and gradients are OpenAI's
+    ref = reference_model("tiny-rn").train()
+    ours = build_model(ref.state_dict()).train()
+    x = images(ref, 4)
+    features = []
+    for model in (ref, ours):
+        out = model.encode_image(x)
+        out.square().sum().backward()
+        features.append(out.detach())
+    assert relative_error(features[1], features[0]) < 1e-6
+    expected = dict(ref.named_parameters())
+    for name, param in ours.visual.named_parameters():
+        grad, expected_grad = param.grad.double(), expected["visual." + name].grad.double()
+        # with a floor for the attention pool's key bias, whose gradient is zero in exact arithmetic (softmax ignores
+        # a constant added to every score) and so rounding noise on both sides
+        assert (grad - expected_grad).norm() <= 1e-5 * expected_grad.norm() + 1e-6, name
