@@ -306,19 +306,21 @@ class SimpleTokenizer:
         (without overlap), repeat until no adjacent pair has a rank.
 
         Merging one occurrence creates pairs that cannot equal the pair being merged (the merged symbol is longer
-        than either half), so merging occurrences one at a time while updating only the two neighbouring pair ranks
-        gives OpenAI's result without rebuilding the set of pairs after every merge.
+        than either half), so only the ranks of the merged symbol's two new pairs are looked up, never the whole
+        word's again. A pair that occurs once (most rounds of most words) is merged in place; several occurrences
+        are merged in one pass, as OpenAI's does, since merging them one by one made a run of one repeated
+        character ("!!!!...") quadratic in its length.
         """
         word = [*token[:-1], token[-1] + "</w>"]
         get, no_rank = self.bpe_ranks.get, len(self.bpe_ranks)
-        # pair_ranks[i] is the rank of (word[i], word[i + 1]); itertools.pairwise would need Python 3.10
-        pair_ranks = [get(pair, no_rank) for pair in zip(word, word[1:])]
-        while pair_ranks:
-            best = min(pair_ranks)
+        # ranks[i] is the rank of (word[i], word[i + 1]); itertools.pairwise would need Python 3.10
+        ranks = [get(pair, no_rank) for pair in zip(word, word[1:])]
+        while ranks:
+            best = min(ranks)
             if best == no_rank:
                 break
-            while best in pair_ranks:
-                i = pair_ranks.index(best)
+            if ranks.count(best) == 1:
+                i = ranks.index(best)
                 merged = word[i] + word[i + 1]
                 word[i : i + 2] = [merged]
                 neighbours = []
@@ -326,7 +328,18 @@ class SimpleTokenizer:
                     neighbours.append(get((word[i - 1], merged), no_rank))
                 if i + 1 < len(word):
                     neighbours.append(get((merged, word[i + 1]), no_rank))
-                pair_ranks[max(i - 1, 0) : i + 2] = neighbours
+                ranks[max(i - 1, 0) : i + 2] = neighbours
+                continue
+            new_word, new_ranks, i, was_merged = [], [], 0, False
+            while i < len(word):
+                merging = i < len(ranks) and ranks[i] == best  # ranks are unique: this is the best pair itself
+                symbol = word[i] + word[i + 1] if merging else word[i]
+                if new_word:  # an untouched neighbour pair keeps its rank
+                    new_ranks.append(get((new_word[-1], symbol), no_rank) if merging or was_merged else ranks[i - 1])
+                new_word.append(symbol)
+                was_merged = merging
+                i += 2 if merging else 1
+            word, ranks = new_word, new_ranks
         return word
 
 

@@ -141,6 +141,14 @@ def test_bpe_matches_reference(ours, reference, word):
     assert ours.bpe(word) == reference.bpe(word)
 
 
+@pytest.mark.parametrize("unit", ["a", "!", "=", "ha", "ab", "\U0001f602", "1"])
+@pytest.mark.parametrize("repeats", [2, 3, 7, 64, 1000, 5000])
+def test_bpe_of_repeated_runs_matches_reference(ours, reference, unit, repeats):
+    # a pair occurring many times in one word is merged in one pass per round (one at a time was quadratic)
+    word = "".join(reference_module.bytes_to_unicode()[b] for b in (unit * repeats).encode())
+    assert ours.bpe(word) == reference.bpe(word)
+
+
 # --- the committed corpus -----------------------------------------------------------------------------------------
 
 
