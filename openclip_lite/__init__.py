@@ -84,7 +84,8 @@ def load(
     """Load a CLIP model and the preprocessing that goes with it.
 
     name : one of `available_models()` (downloaded, verified and cached) or the path of a checkpoint file
-        (OpenAI's TorchScript archives, torch state dicts, safetensors; nothing in the file is executed)
+        (OpenAI's TorchScript archives, torch state dicts, safetensors; nothing in the file is executed; `~` is
+        expanded)
     device : None picks CUDA when available, then MPS, else the CPU
     jit : accepted for compatibility with OpenAI's `clip.load`; TorchScript breaks on current PyTorch, so the
         regular model is returned (with a warning), which is as fast: see `benchmarks/`
@@ -98,23 +99,26 @@ def load(
     """
     device = _resolve_device(device)
     if dtype is not None and dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(map(str, _DTYPES))} (or None for the device's default), got {dtype!r}")
+        raise InputError(f"dtype must be one of {', '.join(map(str, _DTYPES))} (or None for the device's default), got {dtype!r}")
     if jit:
         warnings.warn("jit=True is not supported (TorchScript breaks on current PyTorch); returning the regular model", stacklevel=2)
     name = os.fspath(name)
-    if name not in available_models() and os.path.isfile(name):  # a name first, as OpenAI's: a stray file "RN50" does not hide it
-        path = name
+    if name not in available_models() and os.path.isfile(os.path.expanduser(name)):  # a name first, as OpenAI's: a stray file "RN50" does not hide it
+        path = os.path.expanduser(name)
     else:
         from .download import download
 
-        path = download(name, root=download_root, source=source)  # a name that is neither: UnknownModelError
+        path = download(name, root=download_root, source=source)  # a name that is neither (a folder, no file): UnknownModelError
 
-    from .checkpoint import load_state_dict
+    from .checkpoint import load_state_dict, not_a_clip_checkpoint
 
     state_dict = load_state_dict(path)
-    if image_size is not None:
-        state_dict = resize_image_embeddings(state_dict, image_size)
-    model = build_model(state_dict)
+    try:
+        if image_size is not None:
+            state_dict = resize_image_embeddings(state_dict, image_size)
+        model = build_model(state_dict)
+    except CheckpointError as e:  # build_model sees only the tensors: the error names the file here
+        raise not_a_clip_checkpoint(path, state_dict, e) from e
     if dtype is None:
         dtype = torch.float16 if device.type == "cuda" else torch.float32
     if dtype != torch.float32:

@@ -61,6 +61,9 @@ _MAX_MODULE_DEPTH = 64
 _MAX_MODULE_VISITS = 100_000
 _READ_CHUNK = 1 << 20  # bytes read from a zip entry at a time
 
+# torch's legacy format starts with this number, pickled; a pickle that starts with anything else is a plain one
+_LEGACY_MAGIC = b"\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"
+
 
 def load_state_dict(path: "str | os.PathLike") -> dict[str, Tensor]:
     """Read `path` (safetensors, torch.save, or TorchScript archive) into a flat `{key: tensor}` dict on the CPU.
@@ -76,7 +79,7 @@ def load_state_dict(path: "str | os.PathLike") -> dict[str, Tensor]:
     if not os.path.isfile(path):  # a directory, or a FIFO/device that reading could block on forever
         raise CheckpointError(f"{path} is not a regular file; pass the path of the checkpoint file itself")
     with open(path, "rb") as f:
-        head = f.read(16)
+        head = f.read(32)  # room for the legacy format's magic number after a protocol 4 frame header
     if not head:
         raise CheckpointError(f"{path} is empty; delete it and download or save the checkpoint again")
     try:
@@ -99,13 +102,20 @@ def load_state_dict(path: "str | os.PathLike") -> dict[str, Tensor]:
                 + " that would run code when loaded, so it was not loaded. Re-save its weights with safetensors or "
                 "torch.save(model.state_dict()) from code you trust (see 'Safety' in the README)."
             ) from e
-        raise _unreadable(path, e) from e
+        raise _unreadable(path, e, head) from e
     except Exception as e:  # every reader has its own exception types for corrupt bytes; report them as one
-        raise _unreadable(path, e) from e
+        raise _unreadable(path, e, head) from e
     return _unwrap(state_dict, path)
 
 
-def _unreadable(path: str, e: Exception) -> CheckpointError:
+def _unreadable(path: str, e: Exception, head: bytes) -> CheckpointError:
+    if _is_plain_pickle(head):
+        return CheckpointError(
+            f"{path} is a plain pickle (pickle.dump), not a torch.save, TorchScript or safetensors file; openclip-lite "
+            "does not unpickle plain pickles, which can run any code (see 'Safety' in the README). If you trust the "
+            "file, unpickle it yourself and save its state dict with torch.save(state_dict, 'model.pt') or "
+            "safetensors.torch.save_file(state_dict, 'model.safetensors'), then load that."
+        )
     return CheckpointError(
         f"could not read {path} as a checkpoint ({type(e).__name__}: {_reason(e)}); the file may be truncated or "
         "corrupt: delete it and download or save it again"
@@ -123,6 +133,11 @@ def _reason(e: Exception) -> str:
         text = text.split("WeightsUnpickler error:", 1)[1]
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return lines[0][:300] if lines else "no details"
+
+
+def _is_plain_pickle(head: bytes) -> bool:
+    # a PROTO opcode (protocols 2 to 5: pickle.dump's defaults) without torch's magic number after it
+    return len(head) > 2 and head[0] == 0x80 and 2 <= head[1] <= 5 and _LEGACY_MAGIC not in head
 
 
 def _is_safetensors(head: bytes) -> bool:
@@ -308,6 +323,24 @@ def _collect(root: Any, path: str) -> dict[str, Tensor]:
                 children.append((value, f"{prefix}{name}.", (*above, id(module))))
         stack.extend(reversed(children))  # the first child on top: its keys come first
     return state_dict
+
+
+def not_a_clip_checkpoint(path: str, state_dict: dict[str, Tensor], error: CheckpointError) -> CheckpointError:
+    """`error` (build_model's, for a state dict not in OpenAI's layout) for the file it came from: it names the file,
+    and says whose layout the keys are in when they are in a known other one."""
+    hint = ""
+    if any(key.startswith(("text_model.", "vision_model.")) for key in state_dict):
+        hint = (
+            " Its keys (text_model.*, vision_model.*) are in Hugging Face transformers' CLIPModel layout, not OpenAI's; "
+            "openclip-lite loads OpenAI's layout and open_clip's CLIP checkpoints, which use it (open_clip_model."
+            "safetensors). For OpenAI's released weights, load them by name (e.g. 'ViT-B/32')."
+        )
+    elif any(key.startswith("text.") for key in state_dict):
+        hint = (
+            " Its keys (text.*) are in open_clip's CustomTextCLIP layout (a model with its own text tower), not "
+            "OpenAI's; openclip-lite loads OpenAI's layout and open_clip's CLIP checkpoints, which use it."
+        )
+    return CheckpointError(f"{path}: {error}{hint}")
 
 
 def save_safetensors(state_dict: dict[str, Tensor], path: "str | os.PathLike") -> None:

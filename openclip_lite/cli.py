@@ -452,6 +452,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (OpenCLIPLiteError, OSError, ValueError) as e:  # FileNotFoundError, PermissionError, FileExistsError...
         print(f"openclip-lite: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: the user knows why it stopped; 130 is the shell's code for SIGINT
+        print("openclip-lite: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

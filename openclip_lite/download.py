@@ -22,7 +22,7 @@ import hashlib
 import http.client
 import os
 import re
-import tempfile
+import secrets
 import urllib.error
 import urllib.request
 import warnings
@@ -34,7 +34,7 @@ from huggingface_hub.utils import EntryNotFoundError, HfHubHTTPError, LocalEntry
 from tqdm import tqdm
 
 from . import pretrained
-from .errors import ChecksumError, DownloadError, UnknownModelError
+from .errors import ChecksumError, DownloadError, InputError, UnknownModelError
 from .version import __version__
 
 SOURCES = ("hub", "openai")
@@ -61,10 +61,13 @@ def download(name: str, root: str | os.PathLike | None = None, source: str | Non
         None reads the env var OPENCLIP_LITE_SOURCE, then defaults to "hub"
     progress : show a tqdm progress bar while downloading
 
-    The file is verified before it is returned: against the SHA256 in OpenAI's URL, or for the hub against the
-    SHA256 the Hub gives as the file's ETag. A corrupt cached file is downloaded again; a download that fails
-    leaves nothing in the cache that a later call would trust. With HF_HUB_OFFLINE=1 or OPENCLIP_LITE_OFFLINE=1
-    no request is made and only cached files are used.
+    A download is verified before it is returned: against the SHA256 in OpenAI's URL, or for the hub against the
+    SHA256 the Hub gives as the file's ETag; a download that fails leaves nothing in the cache that a later call
+    would trust. A cached file is checked again on every call, and downloaded again when it is corrupt, where the
+    cache keeps its hash: OpenAI's archives (the SHA256 is in the URL) and a Hugging Face cache with symlinks
+    (blobs are named by their SHA256). A Hugging Face cache without symlinks (Windows without Developer Mode)
+    keeps no hash, so its files are checked only when downloaded and are trusted afterwards. With
+    HF_HUB_OFFLINE=1 or OPENCLIP_LITE_OFFLINE=1 no request is made and only cached files are used.
 
     Raises UnknownModelError for a name that is not a released model, DownloadError when the file can neither be
     found in the cache nor downloaded, and ChecksumError when the downloaded or cached bytes do not match.
@@ -77,12 +80,12 @@ def download(name: str, root: str | os.PathLike | None = None, source: str | Non
 
 
 def resolve_source(source: str | None = None) -> str:
-    """The source to use: the argument, else env OPENCLIP_LITE_SOURCE, else "hub"."""
+    """The source to use: the argument, else env OPENCLIP_LITE_SOURCE, else "hub" (in any case: "OpenAI" is "openai")."""
     chosen = source if source is not None else (os.environ.get(SOURCE_ENV) or "hub")
-    if chosen not in SOURCES:
+    if not isinstance(chosen, str) or chosen.strip().lower() not in SOURCES:
         origin = "source" if source is not None else SOURCE_ENV
-        raise ValueError(f"{origin}={chosen!r} is not a download source; use one of {', '.join(SOURCES)}")
-    return chosen
+        raise InputError(f"{origin}={chosen!r} is not a download source; use one of {', '.join(SOURCES)}")
+    return chosen.strip().lower()
 
 
 def is_offline() -> bool:
@@ -106,13 +109,36 @@ def _lookup(name: str) -> pretrained.Pretrained:
     if name in pretrained.MODELS:
         return pretrained.MODELS[name]
     available = list(pretrained.MODELS)
+    path = os.path.abspath(os.path.expanduser(name))
+    if os.path.isdir(path):  # e.g. a transformers `save_pretrained` folder
+        raise UnknownModelError(
+            f"{name!r} is a folder ({path}), not a released model name or a checkpoint file; to load a checkpoint, "
+            "pass the path of the file itself (load(path), --model PATH on the command line)."
+        )
+    if os.path.exists(path):  # only `download` gets here with a file: `load` reads files itself
+        raise UnknownModelError(
+            f"{name!r} is a local file ({path}), and download takes the name of a released model "
+            f"({', '.join(available)}). Load the file with load({name!r}) (--model {name} on the command line)."
+        )
     close = difflib.get_close_matches(name, available, n=3, cutoff=0.6)
     hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-    if os.path.splitext(name)[1]:  # it looks like a file name (model names have no extension; ViT ones have a "/")
-        hint += f" There is no file at {os.path.abspath(name)}."
+    if _looks_like_a_path(name, close):
+        hint += f" There is no file at {path}."
     raise UnknownModelError(
         f"Model {name!r} not found; available models: {', '.join(available)}.{hint} "
         "To load your own checkpoint, pass the path of an existing file."
+    )
+
+
+def _looks_like_a_path(name: str, close: list[str]) -> bool:
+    """Whether `name` was meant as a file path: an extension, a start no model name has, or a path separator in a
+    name that is not a near miss of a model name (ViT names have a "/": "ViT-B/33" is a typo, not a path)."""
+    separators = [sep for sep in (os.sep, os.altsep, "/") if sep]
+    return (
+        bool(os.path.splitext(name)[1])
+        or name.startswith((".", "~"))
+        or os.path.isabs(name)
+        or (not close and any(sep in name for sep in separators))
     )
 
 
@@ -129,21 +155,29 @@ def _how_to_get(name: str, source: str) -> str:
 
 def _download_hub(name: str, model: pretrained.Pretrained, root: str | os.PathLike | None, progress: bool) -> str:
     cache_dir = os.fspath(root) if root is not None else None
+    where = cache_dir or hf_constants.HF_HUB_CACHE
     corrupt = None
     for filename in pretrained.HUB_FILES:
         # The released weights never change, so a verified cached file is used without asking the Hub.
         cached = try_to_load_from_cache(model.hub_repo, filename, cache_dir=cache_dir)
         if not isinstance(cached, str):
             continue
-        if _hub_file_is_intact(cached) is not False:  # None: no hash kept to check against; it was checked when downloaded
+        try:
+            intact = _hub_file_is_intact(cached)
+        except PermissionError as e:
+            raise _unreadable(name, os.path.realpath(cached), e) from e
+        if intact is not False:  # None: no hash kept to check against; it was checked when downloaded
             return cached
         corrupt = (filename, cached)
         break
 
     # Users of OpenAI's `clip` have its archives in ~/.cache/clip (or their download_root): verified, they serve.
     openai_file = _openai_file(model, root)
-    if _matches(openai_file, model.sha256):
-        return openai_file
+    try:
+        if _matches(openai_file, model.sha256):
+            return openai_file
+    except OSError:  # another user's archive, say: the Hub's copy serves as well
+        pass
 
     if corrupt is not None:
         filename, cached = corrupt
@@ -153,9 +187,8 @@ def _download_hub(name: str, model: pretrained.Pretrained, root: str | os.PathLi
                 f"is on, so it cannot be downloaded again. {_how_to_get(name, 'hub')}"
             )
         warnings.warn(f"{cached} is corrupt (SHA256 mismatch); downloading it again", stacklevel=3)
-        _forget_hub_file(cached)
+        _forget_hub_file(cached, name, where)
 
-    where = cache_dir or hf_constants.HF_HUB_CACHE
     if is_offline():
         raise DownloadError(
             f"Model {name!r} is not in the cache ({where}) and offline mode is on (HF_HUB_OFFLINE / {OFFLINE_ENV}). "
@@ -176,7 +209,7 @@ def _download_hub(name: str, model: pretrained.Pretrained, root: str | os.PathLi
                 tqdm_class=None if progress else _SilentBar,
             )
         except LocalEntryNotFoundError as e:  # an EntryNotFoundError too, so it is caught first
-            raise DownloadError(
+            raise _hub_answered(name, f"{model.hub_repo}/{filename}", server, e) or DownloadError(
                 f"Could not reach the Hub at {server} to download model {name!r} ({model.hub_repo}/{filename}) and "
                 f"it is not in the cache ({where}) ({_root_cause(e)}). Check the connection (or HF_ENDPOINT). "
                 + _how_to_get(name, "hub")
@@ -187,7 +220,7 @@ def _download_hub(name: str, model: pretrained.Pretrained, root: str | os.PathLi
         except (PermissionError, FileExistsError, NotADirectoryError) as e:  # the cache, not the connection
             raise _unwritable(name, where, e) from e
         except _HUB_ERRORS as e:
-            raise DownloadError(
+            raise _hub_answered(name, f"{model.hub_repo}/{filename}", server, e) or DownloadError(
                 f"Downloading model {name!r} ({model.hub_repo}/{filename}) from {server} failed: "
                 f"{type(e).__name__}: {_first_line(e)}. Nothing was cached; check the connection, HF_ENDPOINT and "
                 "your Hub token (HF_TOKEN), then run it again."
@@ -197,13 +230,13 @@ def _download_hub(name: str, model: pretrained.Pretrained, root: str | os.PathLi
             try:
                 intact = _matches_hub_etag(path, model.hub_repo, filename, endpoint, server)
             except _HUB_ERRORS as e:
-                _forget_hub_file(path)
+                _forget_hub_file(path, name, where)
                 raise DownloadError(
                     f"The {filename} of model {name!r} was downloaded, but asking {server} for its SHA256 failed "
                     f"({type(e).__name__}: {_first_line(e)}), so it was not kept. Run it again."
                 ) from e
         if not intact:
-            _forget_hub_file(path)
+            _forget_hub_file(path, name, where)
             raise ChecksumError(
                 f"The {filename} of model {name!r} downloaded from {server}/{model.hub_repo} does not match the "
                 "SHA256 the Hub announced; it was deleted. Run it again to retry; if this keeps happening, a proxy "
@@ -243,12 +276,45 @@ def _matches_hub_etag(path: str, repo: str, filename: str, endpoint: str | None,
     return _sha256(path) == etag
 
 
-def _forget_hub_file(path: str) -> None:
+def _hub_answered(name: str, file: str, server: str, error: BaseException) -> DownloadError | None:
+    """The error for a Hub that answered with a refusal (401, 403) or a server error (5xx): the connection works,
+    so advice about it would mislead. None for any other failure."""
+    status = _http_status(error)
+    if status in (401, 403):
+        return DownloadError(
+            f"The Hub at {server} refused access to {file} for model {name!r} (HTTP {status}). The repo may be gated "
+            "or private, or the token wrong or expired: set HF_TOKEN to a token that may read it, or use "
+            f"source='openai' ({SOURCE_ENV}=openai)."
+        )
+    if status is not None and status >= 500:
+        return DownloadError(
+            f"The Hub at {server} answered with a server error (HTTP {status}) for {file} of model {name!r}; the "
+            f"problem is on its side, not the connection. Try again later, or use source='openai' ({SOURCE_ENV}=openai)."
+        )
+    return None
+
+
+def _http_status(error: BaseException | None) -> int | None:
+    """The HTTP status of the response behind `error` (huggingface_hub chains the HTTP error under its own)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        status = getattr(getattr(error, "response", None), "status_code", None)
+        if isinstance(status, int):
+            return status
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _forget_hub_file(path: str, name: str, folder: str) -> None:
     """Remove a cached Hub file and its snapshot link, so the next call downloads it again."""
     blob = os.path.realpath(path)
-    for p in (blob, path):
-        if os.path.lexists(p):
-            os.remove(p)
+    try:
+        for p in (blob, path):
+            if os.path.lexists(p):
+                os.remove(p)
+    except OSError as e:  # a read-only cache
+        raise _unwritable(name, folder, e) from e
 
 
 class _SilentBar(tqdm):
@@ -274,11 +340,19 @@ def _unwritable(name: str, folder: str, e: OSError) -> DownloadError:
     )
 
 
+def _unreadable(name: str, path: str, e: OSError) -> DownloadError:
+    return DownloadError(
+        f"The cached file {path} of model {name!r} cannot be read by this user ({type(e).__name__}: {e.strerror}); "
+        "it may belong to another user. Pass download_root= a folder of your own (--root on the command line), or "
+        "ask its owner to make it readable."
+    )
+
+
 def _download_openai(name: str, model: pretrained.Pretrained, root: str | os.PathLike | None, progress: bool) -> str:
     target = _openai_file(model, root)
     folder = os.path.dirname(target)
     # Checked before taking the lock, so a read-only cache with good files works.
-    if _matches(target, model.sha256):
+    if _cached(name, target, model.sha256):
         return target
     if is_offline():
         state = "is corrupt (SHA256 mismatch)" if os.path.exists(target) else "is not in the cache"
@@ -287,11 +361,11 @@ def _download_openai(name: str, model: pretrained.Pretrained, root: str | os.Pat
             f"Model {name!r} ({target}) {state} and offline mode is on (HF_HUB_OFFLINE / {OFFLINE_ENV}). "
             + _how_to_get(name, "openai")
         )
-    try:  # network failures are DownloadErrors already (_stream); an OSError here is the cache folder's
+    try:  # network failures and unreadable files are DownloadErrors already; an OSError here is the cache folder's
         os.makedirs(folder, exist_ok=True)
         with FileLock(target + ".lock"):
             # Another process may have finished this file while we waited for the lock.
-            if _matches(target, model.sha256):
+            if _cached(name, target, model.sha256):
                 return target
             if os.path.exists(target):
                 warnings.warn(f"{target} exists, but its SHA256 does not match; downloading it again", stacklevel=3)
@@ -305,15 +379,27 @@ def _download_openai(name: str, model: pretrained.Pretrained, root: str | os.Pat
 
 
 def _matches(path: str, sha256: str) -> bool:
+    """Whether `path` is a file whose SHA256 is `sha256`; OSError when it is there but cannot be read."""
+    return os.path.isfile(path) and _sha256(path) == sha256
+
+
+def _cached(name: str, target: str, sha256: str) -> bool:
+    """Whether the "openai" source's cached file is there and intact. One this user may not read is an error, not a
+    corrupt file to download again: replacing it would fail (another user's folder) or take another user's file."""
     try:
-        return os.path.isfile(path) and _sha256(path) == sha256
-    except OSError:  # there but unreadable: not a file to trust (writing a good one in its place says why if it fails)
+        return _matches(target, sha256)
+    except PermissionError as e:
+        raise _unreadable(name, target, e) from e
+    except OSError:  # there but unreadable otherwise (an I/O error): not a file to trust, so it is replaced
         return False
 
 
 def _fetch_verified(name: str, url: str, sha256: str, target: str, progress: bool) -> None:
     """Stream `url` into a temporary file next to `target`, and rename it into place only if its SHA256 matches."""
-    fd, partial = tempfile.mkstemp(dir=os.path.dirname(target), prefix=f".{os.path.basename(target)}.", suffix=".part")
+    partial = os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.{secrets.token_hex(8)}.part")
+    # Created as open() creates files (0666 less the umask, as huggingface_hub's and OpenAI's downloads are), not
+    # with tempfile.mkstemp's 0600, which would leave the cached weights unreadable to the other users of a shared cache.
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with os.fdopen(fd, "wb") as out:
             digest = _stream(name, url, out, progress)

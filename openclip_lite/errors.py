@@ -24,7 +24,8 @@ class UnsafeCheckpointError(CheckpointError):
 
 class InputError(OpenCLIPLiteError, ValueError, RuntimeError):
     """An input the model cannot take: images of another size or not (batch, 3, H, W), token ids not (batch, n) or
-    longer than the context. A ValueError, and a RuntimeError as OpenAI's model raised for these."""
+    longer than the context; or an argument `load` cannot take (a download source, dtype or image_size outside its
+    choices). A ValueError, and a RuntimeError as OpenAI's model raised for these."""
 
 
 class DownloadError(OpenCLIPLiteError, RuntimeError):

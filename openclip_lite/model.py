@@ -336,12 +336,12 @@ def take_indices(count: int, indices: "int | list[int] | None") -> list[int]:
         return list(range(count))
     if isinstance(indices, int):
         if not 0 < indices <= count:
-            raise ValueError(f"cannot take the last {indices} layers: this tower has {count}; give 1 to {count}, or a list of indices")
+            raise InputError(f"cannot take the last {indices} layers: this tower has {count}; give 1 to {count}, or a list of indices")
         return list(range(count - indices, count))
     take = []
     for i in indices:
         if not -count <= i < count:
-            raise ValueError(f"layer index {i} is out of range: this tower has {count} layers (indices {-count} to {count - 1})")
+            raise InputError(f"layer index {i} is out of range: this tower has {count} layers (indices {-count} to {count - 1})")
         take.append(i % count)
     return take
 
@@ -807,7 +807,7 @@ def resize_image_embeddings(state_dict: dict[str, Tensor], image_size: int) -> d
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < stride or image_size % stride:
         # a partial cell would be cropped away by the model, so the preprocess size and the model would disagree
         why = "its patch size" if vit else "a ResNet downsamples 32x"
-        raise ValueError(f"image_size must be a positive multiple of {stride} for this model ({why}), got {image_size!r}")
+        raise InputError(f"image_size must be a positive multiple of {stride} for this model ({why}), got {image_size!r}")
     embedding = state_dict[key]
     grid = image_size // stride
     if embedding.shape[0] == grid * grid + 1:

@@ -8,8 +8,9 @@ client falls back to a plain HTTP download.
 
 Faults can be switched on per URL path: "cut" (the connection closes halfway through the body, on every request),
 "cut-once" (only on the first GET), "tamper" (same length and headers, different bytes), "md5-etag" (ETags that are
-the body's MD5, as some mirrors and proxies give, instead of its SHA256); `delay_s` holds every
-GET body back, so that two clients are downloading at the same time.
+the body's MD5, as some mirrors and proxies give, instead of its SHA256), or an HTTP status ("401", "403", "500",
+"503") that every request gets instead of the file; `delay_s` holds every GET body back, so that two clients are
+downloading at the same time.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 _RESOLVE = re.compile(r"^/(?P<repo>[^/]+/[^/]+)/resolve/(?P<revision>[^/]+)/(?P<filename>.+)$")
 _RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
-FAULTS = ("cut", "cut-once", "tamper", "md5-etag")
+STATUSES = ("401", "403", "500", "503")
+FAULTS = ("cut", "cut-once", "tamper", "md5-etag", *STATUSES)
 
 
 @dataclass(frozen=True)
@@ -132,6 +134,8 @@ def _handler_for(server: FileServer) -> type[BaseHTTPRequestHandler]:
             repo_commit = server.repos.get(hub["repo"]) if hub else None
             if body is None:
                 return self._not_found(hub, repo_commit)
+            if server.faults.get(path) in STATUSES:
+                return self._refuse(int(server.faults[path]))
 
             sha256 = hashlib.sha256(body).hexdigest()
             if server.faults.get(path) == "md5-etag":
@@ -167,6 +171,15 @@ def _handler_for(server: FileServer) -> type[BaseHTTPRequestHandler]:
                 self.connection.shutdown(socket.SHUT_RDWR)
                 return
             self.wfile.write(body[start : end + 1])
+
+        def _refuse(self, status: int) -> None:
+            """An answer without the file, as a gated or private repo (401, 403) or a failing server (5xx) gives."""
+            message = f"error {status}".encode()
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(message)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(message)
 
         def _not_found(self, hub: re.Match | None, repo_commit: str | None) -> None:
             message = b"not found"

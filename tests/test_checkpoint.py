@@ -567,6 +567,65 @@ print(status("VmHWM") - before, sum(t.numel() * t.element_size() for t in state_
     assert growth < 1.3 * weights, f"reading {weights / 2**20:.0f} MiB of weights took {growth / 2**20:.0f} MiB at the peak (over {before / 2**20:.0f} MiB)"
 
 
+@pytest.mark.parametrize("protocol, content", [(4, "tensors"), (5, "tensors"), (2, "values")])
+def test_a_plain_pickle_is_said_to_be_one(tmp_path, protocol, content):
+    path = tmp_path / "weights.pkl"
+    with open(path, "wb") as f:
+        pickle.dump({"weight": torch.zeros(2)} if content == "tensors" else {"epoch": 3}, f, protocol=protocol)
+    with pytest.raises(CheckpointError, match=r"weights.pkl is a plain pickle \(pickle.dump\)") as raised:
+        load_state_dict(path)
+    message = str(raised.value)
+    assert "torch.save(state_dict" in message and "save_file(state_dict" in message
+    assert "truncated or corrupt" not in message and not isinstance(raised.value, UnsafeCheckpointError)
+
+
+def transformers_keys() -> dict:
+    """The start of a transformers CLIPModel's state dict (`save_pretrained`'s model.safetensors)."""
+    names = [
+        "logit_scale",
+        "text_model.embeddings.position_embedding.weight",
+        "text_model.embeddings.token_embedding.weight",
+        "text_model.encoder.layers.0.self_attn.k_proj.weight",
+        "text_model.final_layer_norm.weight",
+        "text_projection.weight",
+        "vision_model.embeddings.class_embedding",
+        "vision_model.embeddings.patch_embedding.weight",
+        "vision_model.post_layernorm.weight",
+        "visual_projection.weight",
+    ]
+    return {name: torch.zeros(4, 4) for name in names}
+
+
+def custom_text_clip_keys() -> dict:
+    """A real open_clip CustomTextCLIP's state dict (the text tower under `text.`), tiny."""
+    import open_clip
+
+    vision = dict(layers=1, width=64, patch_size=16, image_size=32, head_width=64)
+    text = dict(context_length=77, vocab_size=49408, width=64, heads=1, layers=1)
+    return open_clip.model.CustomTextCLIP(embed_dim=64, vision_cfg=vision, text_cfg=text).state_dict()
+
+
+@pytest.mark.parametrize(
+    "layout, hint",
+    [
+        ("transformers", "are in Hugging Face transformers' CLIPModel layout, not OpenAI's"),
+        ("CustomTextCLIP", "are in open_clip's CustomTextCLIP layout"),
+        ("another model", None),
+    ],
+)
+def test_a_file_in_another_layout_is_named_with_its_layout(tmp_path, layout, hint):
+    state_dict = {"transformers": transformers_keys, "CustomTextCLIP": custom_text_clip_keys}.get(layout, lambda: {"fc.weight": torch.zeros(2, 2)})()
+    path = tmp_path / "model.safetensors"
+    save_safetensors(state_dict, path)
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(path))}: not a CLIP") as raised:
+        clip.load(str(path), device="cpu")
+    message = str(raised.value)
+    if hint is None:
+        assert "transformers" not in message and "CustomTextCLIP" not in message
+    else:
+        assert hint in message and "openclip-lite loads OpenAI's layout and open_clip's CLIP checkpoints" in message
+
+
 def test_another_models_state_dict_shows_its_keys(tmp_path):
     from torchvision.models import resnet18
 

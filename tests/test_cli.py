@@ -4,11 +4,14 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from typing import Optional
 
 import pytest
+from hub_server import FileServer
 from parquet_shards import write_shards
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -17,11 +20,15 @@ DEMO = os.path.join(ASSETS, "demo-model.safetensors")
 LABELS = "red circle,blue square,green triangle,yellow circle,purple square,orange triangle"
 
 
+def command(*args: str) -> list[str]:
+    words = [shutil.which("openclip-lite") or sys.executable, *args]
+    if words[0] == sys.executable:  # not installed as a console script: run the module
+        words[1:1] = ["-m", "openclip_lite.cli"]
+    return words
+
+
 def run(*args: str, env: Optional[dict] = None) -> subprocess.CompletedProcess:
-    command = [shutil.which("openclip-lite") or sys.executable, *args]
-    if command[0] == sys.executable:  # not installed as a console script: run the module
-        command[1:1] = ["-m", "openclip_lite.cli"]
-    return subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})}, cwd=ROOT, check=False)
+    return subprocess.run(command(*args), capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})}, cwd=ROOT, check=False)
 
 
 def samples() -> list[str]:
@@ -76,6 +83,41 @@ def test_unknown_model_is_one_clear_error():
     result = run("classify", os.path.join(ASSETS, "red_circle.jpg"), "--labels", "a,b", "--model", "ViT-B/33", "--device", "cpu")
     assert result.returncode == 1
     assert "ViT-B/33" in result.stderr and "ViT-B/32" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_download_of_a_checkpoint_file_says_to_load_it():
+    result = run("download", DEMO)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"is a local file ({DEMO})" in result.stderr and f"--model {DEMO}" in result.stderr
+    assert "no file at" not in result.stderr
+
+
+def test_ctrl_c_during_download_is_one_line_and_exit_code_130(tmp_path):
+    from openclip_lite.pretrained import MODELS
+
+    model = MODELS["RN50"]
+    with FileServer() as server:
+        path = f"/clip/models/{model.sha256}/{model.filename}"
+        server.add(path, b"not the weights, never sent")
+        server.delay_s = 120  # the body is held back: the download is in flight when Ctrl-C comes
+        env = {**os.environ, "OPENCLIP_LITE_OPENAI_URL": server.url + "/clip/models"}
+        env.pop("HF_HUB_OFFLINE", None), env.pop("OPENCLIP_LITE_OFFLINE", None)
+        root = tmp_path / "cache"
+        args = command("download", "RN50", "--source", "openai", "--root", str(root))
+        child = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+        try:
+            deadline = time.monotonic() + 120
+            while not server.requests("GET", path) and child.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert server.requests("GET", path), child.communicate(timeout=5)
+            child.send_signal(signal.SIGINT)
+            _, stderr = child.communicate(timeout=60)
+        finally:
+            if child.poll() is None:
+                child.kill()
+    assert child.returncode == 130, stderr
+    assert stderr.strip().splitlines()[-1] == "openclip-lite: interrupted" and "Traceback" not in stderr
+    assert sorted(os.listdir(root)) == [model.filename + ".lock"]  # no partial file left behind
 
 
 def test_example_script_runs_offline():

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import hashlib
 import io
 import os
+import re
 import socket
+import stat
 import subprocess
 import sys
 import textwrap
@@ -24,7 +28,7 @@ from safetensors.torch import save as safetensors_bytes
 import openclip_lite
 from openclip_lite import download as dl
 from openclip_lite import pretrained
-from openclip_lite.errors import ChecksumError, DownloadError, UnknownModelError
+from openclip_lite.errors import ChecksumError, DownloadError, InputError, OpenCLIPLiteError, UnknownModelError
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # clip-anytorch imports pkg_resources, which warns
@@ -143,6 +147,56 @@ def go_offline(monkeypatch, way: str) -> None:
         monkeypatch.setenv(way, "1")
 
 
+_CAP_DAC_OVERRIDE, _CAP_DAC_READ_SEARCH = 1, 2  # linux/capability.h
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+
+@contextlib.contextmanager
+def as_a_plain_user():
+    """Permission bits hold in this block as they do for any user, also when the tests run as root.
+
+    Root reads and writes past them through CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH; these leave this thread's
+    effective capabilities for the block (they stay permitted, so they come back after it). The download code runs
+    in this thread; the loopback server's threads keep theirs.
+    """
+    if os.geteuid() != 0:
+        yield
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if not hasattr(libc, "capset"):
+        pytest.skip("running as root where capabilities cannot be dropped, so permission bits do not apply")
+    header, data = _CapHeader(0x20080522, 0), (_CapData * 2)()  # _LINUX_CAPABILITY_VERSION_3
+    assert libc.capget(ctypes.byref(header), data) == 0, ctypes.get_errno()
+    effective = data[0].effective
+    data[0].effective &= ~((1 << _CAP_DAC_OVERRIDE) | (1 << _CAP_DAC_READ_SEARCH))
+    assert libc.capset(ctypes.byref(header), data) == 0, ctypes.get_errno()
+    try:
+        yield
+    finally:
+        data[0].effective = effective
+        assert libc.capset(ctypes.byref(header), data) == 0, ctypes.get_errno()
+
+
+@contextlib.contextmanager
+def read_only(root: Path):
+    """Every folder under `root` (and `root`) read-only for the block, as a cache another user set up."""
+    folders = [root, *(p for p in root.rglob("*") if p.is_dir() and not p.is_symlink())]
+    for folder in folders:
+        folder.chmod(0o555)
+    try:
+        yield
+    finally:
+        for folder in folders:
+            folder.chmod(0o755)
+
+
 def closed_port_url() -> str:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -163,6 +217,71 @@ def test_unknown_name_lists_models_and_suggests_a_close_match(server):
     assert "no file at" not in str(pytest.raises(UnknownModelError, dl.download, "ViT-B/33").value)  # a typo, not a path
     assert "There is no file at " in str(pytest.raises(UnknownModelError, dl.download, "weights/clip.pt").value)
     assert server.requests() == []
+
+
+def test_download_of_a_local_file_says_load_takes_it(server, tmp_path):
+    checkpoint = tmp_path / "clip.pt"
+    checkpoint.write_bytes(b"weights")
+    with pytest.raises(UnknownModelError) as info:
+        dl.download(str(checkpoint))
+    message = str(info.value)
+    assert f"is a local file ({checkpoint})" in message and f"load({str(checkpoint)!r})" in message
+    assert f"--model {checkpoint}" in message and "no file at" not in message
+    assert server.requests() == []
+
+
+@pytest.mark.parametrize("how", ["load", "download"])
+def test_a_folder_is_said_to_be_one(server, tmp_path, how):
+    folder = tmp_path / "clip-vit-base-patch32"  # what transformers' save_pretrained writes
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"weights")
+    call = (lambda: openclip_lite.load(str(folder), device="cpu")) if how == "load" else (lambda: dl.download(str(folder)))
+    with pytest.raises(UnknownModelError, match=rf"is a folder \({re.escape(str(folder))}\).*the path of the file itself"):
+        call()
+    assert server.requests() == []
+
+
+@pytest.mark.parametrize(
+    "name, where", [("./my_model", "my_model"), ("checkpoints/my_model", "checkpoints/my_model"), ("~/my_model", "home/my_model")]
+)
+def test_a_missing_path_is_said_to_have_no_file(tmp_path, monkeypatch, name, where):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    with pytest.raises(UnknownModelError, match="available models") as info:
+        openclip_lite.load(name, device="cpu")
+    assert f"There is no file at {tmp_path / where}." in str(info.value)
+
+
+def test_load_expands_the_home_folder(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "tiny.safetensors").write_bytes(tiny.safetensors)
+    model, _ = openclip_lite.load("~/tiny.safetensors", device="cpu")
+    torch.testing.assert_close(model.text_projection, tiny.model.text_projection, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("source, env", [("OpenAI", None), (None, "OpenAI"), ("HUB", "openai")])
+def test_source_names_in_any_case(hub, tiny, cache, monkeypatch, source, env):
+    if env:
+        monkeypatch.setenv(dl.SOURCE_ENV, env)
+    path = dl.download(NAME, root=cache, source=source, progress=False)
+    expected = SAFETENSORS if (source or env).lower() == "hub" else OPENAI_FILE
+    assert Path(path).name == expected
+
+
+@pytest.mark.parametrize("bad", ["source", "env", "dtype", "image_size"])
+def test_bad_load_arguments_are_input_errors(tiny, tmp_path, monkeypatch, bad):
+    checkpoint = tmp_path / "tiny.safetensors"
+    checkpoint.write_bytes(tiny.safetensors)
+    arguments = {"source": {"source": "hf"}, "env": {}, "dtype": {"dtype": torch.int8}, "image_size": {"image_size": 33}}[bad]
+    if bad == "env":
+        monkeypatch.setenv(dl.SOURCE_ENV, "azure")
+    name = "ViT-B/32" if bad in ("source", "env") else str(checkpoint)  # the source is refused before any request
+    with pytest.raises(InputError) as info:
+        openclip_lite.load(name, device="cpu", download_root=str(tmp_path / "cache"), **arguments)
+    assert isinstance(info.value, OpenCLIPLiteError) and isinstance(info.value, ValueError)
+    expected = {"source": "source='hf'", "env": f"{dl.SOURCE_ENV}='azure'", "dtype": "torch.int8", "image_size": "multiple of 16"}[bad]
+    assert expected in str(info.value)
+    assert not (tmp_path / "cache").exists()
 
 
 @pytest.mark.parametrize(
@@ -307,6 +426,51 @@ def test_hub_corrupt_cached_file_is_downloaded_again(hub, tiny, cache, monkeypat
     assert len(hub.requests("GET", hub_path(SAFETENSORS))) == 2
 
 
+@pytest.mark.parametrize("status", ["401", "403"])
+def test_hub_refusing_access_is_said_to_be_a_refusal(hub, cache, status):
+    hub.fault(hub_path(SAFETENSORS), status)
+    with pytest.raises(DownloadError, match=rf"refused access to {REPO}/{SAFETENSORS} for model '{NAME}' \(HTTP {status}\)") as info:
+        dl.download(NAME, root=cache, progress=False)
+    message = str(info.value)
+    assert "HF_TOKEN" in message and "gated or private" in message
+    assert "Could not reach" not in message and "connection" not in message
+    assert_nothing_trusted(cache)
+
+
+@pytest.mark.slow  # huggingface_hub retries a server error for ~23 s (1+2+4+8+8 s) before it gives up
+def test_hub_server_error_is_said_to_be_the_servers(hub, cache):
+    hub.fault(hub_path(SAFETENSORS), "500")
+    with pytest.raises(DownloadError, match=rf"answered with a server error \(HTTP 500\) for {REPO}/{SAFETENSORS} of model '{NAME}'") as info:
+        dl.download(NAME, root=cache, progress=False)
+    assert "Try again later" in str(info.value) and "Could not reach" not in str(info.value)
+
+
+def test_read_only_hub_cache_with_a_corrupt_file_says_the_cache_is_not_writable(hub, tiny, cache):
+    blob = Path(os.path.realpath(dl.download(NAME, root=cache, progress=False)))
+    blob.write_bytes(b"\0" * len(tiny.safetensors))
+    hub.clear_log()
+    unwritable = f"Cannot write model '{NAME}' into the cache folder {cache} .*download_root="
+    with read_only(cache), as_a_plain_user(), pytest.warns(UserWarning, match="corrupt"), pytest.raises(DownloadError, match=unwritable):
+        dl.download(NAME, root=cache, progress=False)
+    assert blob.read_bytes() == b"\0" * len(tiny.safetensors) and hub.requests() == []
+
+
+@pytest.mark.parametrize("offline", [None, dl.OFFLINE_ENV])
+def test_hub_cached_file_this_user_cannot_read_is_said_to_be_unreadable(hub, tiny, cache, monkeypatch, offline):
+    blob = Path(os.path.realpath(dl.download(NAME, root=cache, progress=False)))
+    if offline:
+        monkeypatch.setenv(offline, "1")
+    hub.clear_log()
+    blob.chmod(0)
+    unreadable = f"cached file {blob} of model '{NAME}' cannot be read by this user.*download_root="
+    try:
+        with read_only(cache), as_a_plain_user(), pytest.raises(DownloadError, match=unreadable):
+            dl.download(NAME, root=cache, progress=False)
+    finally:
+        blob.chmod(0o644)
+    assert blob.read_bytes() == tiny.safetensors and hub.requests() == []
+
+
 # ---- openai ------------------------------------------------------------------------------------------------------
 
 
@@ -351,6 +515,37 @@ def test_openai_connection_cut_is_an_error_then_a_retry_works(hub, tiny, cache):
 
     hub.fault(openai_path(tiny), None)
     assert Path(dl.download(NAME, root=cache, source="openai", progress=False)).read_bytes() == tiny.openai
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)], ids=["022", "002", "077"])
+def test_openai_download_gets_the_mode_a_new_file_gets(hub, tiny, cache, umask, mode):
+    # as open() would create it, and as huggingface_hub and OpenAI's package leave their downloads: a shared cache
+    # stays readable to the other users the umask lets in
+    before = os.umask(umask)
+    try:
+        path = dl.download(NAME, root=cache, source="openai", progress=False)
+    finally:
+        os.umask(before)
+    assert stat.S_IMODE(os.stat(path).st_mode) == mode
+
+
+@pytest.mark.parametrize("offline", [None, dl.OFFLINE_ENV])
+def test_openai_cached_file_this_user_cannot_read_is_said_to_be_unreadable(hub, tiny, cache, monkeypatch, offline):
+    target = Path(dl.download(NAME, root=cache, source="openai", progress=False))
+    if offline:
+        monkeypatch.setenv(offline, "1")
+    hub.clear_log()
+    target.chmod(0)  # another user's file, say, in a shared cache
+    unreadable = f"cached file {target} of model '{NAME}' cannot be read by this user.*download_root="
+    try:
+        with as_a_plain_user(), warnings.catch_warnings():
+            warnings.simplefilter("error")  # not "does not match; downloading it again"
+            with pytest.raises(DownloadError, match=unreadable) as info:
+                dl.download(NAME, root=cache, source="openai", progress=False)
+    finally:
+        target.chmod(0o644)
+    assert not isinstance(info.value, ChecksumError)
+    assert target.read_bytes() == tiny.openai and hub.requests() == []
 
 
 def test_openai_tampered_file_is_rejected_and_not_cached(hub, tiny, cache):
