@@ -739,6 +739,16 @@ def model_config(state_dict: dict[str, Tensor]) -> dict:
     def count(prefix: str, depth: int, suffix: str) -> int:
         return len({k.split(".")[depth] for k in sd if k.startswith(prefix) and k.endswith(suffix)})
 
+    def heads(width: int, key: str) -> int:
+        # OpenAI's rule, one head per 64 channels: a width below 64, or one that does not split evenly into
+        # width // 64 heads, builds no attention (nn.MultiheadAttention would fail with an assert)
+        if width < 64 or width % (width // 64):
+            raise CheckpointError(
+                f"checkpoint entry {key!r} says a transformer is {width} wide; CLIP's have one attention head per 64 "
+                "channels, so a width is at least 64 and splits evenly into width // 64 heads"
+            )
+        return width // 64
+
     transformer_width = dims("ln_final.weight", 1)[0]
     context_length, width = dims("positional_embedding", 2)
     agree(width, "positional_embedding", transformer_width, "ln_final.weight")
@@ -759,6 +769,7 @@ def model_config(state_dict: dict[str, Tensor]) -> dict:
         grid_size = round((tokens - 1) ** 0.5)
         agree(grid_size**2 + 1, "visual.positional_embedding", tokens, "a square grid plus a class token")
         vision_layers = count("visual.transformer.resblocks.", 3, ".attn.in_proj_weight")
+        heads(vision_width, "visual.conv1.weight")
         image_resolution = vision_patch_size * grid_size
     else:
         vision_layers = tuple(count(f"visual.layer{b}.", 2, ".conv1.weight") for b in (1, 2, 3, 4))
@@ -775,8 +786,6 @@ def model_config(state_dict: dict[str, Tensor]) -> dict:
     transformer_layers = count("transformer.resblocks.", 2, ".attn.in_proj_weight")
     if transformer_layers == 0:
         raise CheckpointError("not a CLIP state dict in OpenAI's layout: the text tower has no blocks ('transformer.resblocks.*')")
-    if transformer_width < 64:
-        raise CheckpointError(f"checkpoint entry 'ln_final.weight' says the text width is {transformer_width}; CLIP's is at least 64 (one head per 64)")
     return dict(
         embed_dim=embed_dim,
         image_resolution=image_resolution,
@@ -786,7 +795,7 @@ def model_config(state_dict: dict[str, Tensor]) -> dict:
         context_length=context_length,
         vocab_size=vocab_size,
         transformer_width=transformer_width,
-        transformer_heads=transformer_width // 64,
+        transformer_heads=heads(transformer_width, "ln_final.weight"),
         transformer_layers=transformer_layers,
     )
 

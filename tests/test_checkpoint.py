@@ -450,6 +450,21 @@ def test_zero_length_dimension_is_a_checkpoint_error(vit_weights, key):
         build_model({**vit_weights, key: torch.zeros([0, *value.shape[1:]])})
 
 
+@pytest.mark.parametrize("tower, key", [("text", "ln_final.weight"), ("image", "visual.conv1.weight")])
+@pytest.mark.parametrize("width", [32, 129])
+def test_a_width_that_does_not_split_into_heads_is_a_checkpoint_error(vit_weights, tower, key, width):
+    # one head per 64 channels, as OpenAI's build_model: 32 makes no head, 129 does not split into two; every
+    # tensor of the tower is resized consistently (64 -> width, 3x and 4x it too), so only the width is wrong
+    sizes = {64: width, 192: 3 * width, 256: 4 * width}
+    state_dict = {}
+    for name, value in vit_weights.items():
+        if name.startswith("visual.") == (tower == "image") and name != "logit_scale":
+            value = torch.zeros([sizes.get(d, d) for d in value.shape])
+        state_dict[name] = value
+    with pytest.raises(CheckpointError, match=re.escape(key) + f".* {width} wide"):
+        build_model(state_dict)
+
+
 @pytest.mark.parametrize("prefix", ["transformer.resblocks.", "visual.transformer.resblocks."])
 def test_a_tower_without_blocks_is_a_checkpoint_error(vit_weights, prefix):
     # each tower reads its output from its last block, so a tower with none is not a CLIP (and must not load as one)
