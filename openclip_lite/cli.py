@@ -33,20 +33,40 @@ def cmd_download(args: argparse.Namespace) -> None:
 def cmd_classify(args: argparse.Namespace) -> None:
     import openclip_lite as clip
 
-    labels = [label.strip() for label in ",".join(args.labels).split(",") if label.strip()]
-    if not labels:
-        raise ValueError("give at least one label with --labels")
+    images, labels = _images_and_labels(args.images, args.labels)
     templates = clip.IMAGENET_TEMPLATES if args.templates == "imagenet" else [args.templates] if args.templates else None
     model, preprocess = clip.load(args.model, device=args.device, download_root=args.root)
     try:
-        probs = clip.classify(model, preprocess, args.images, labels, templates=templates, truncate=args.truncate)
+        probs = clip.classify(model, preprocess, images, labels, templates=templates, truncate=args.truncate)
     except clip.TextTooLongError as e:
         raise clip.TextTooLongError(f"{e} (here: --truncate)") from None
     results = clip.top_k(probs, labels, args.top_k)
     if args.json:
-        print(json.dumps([{"image": image, "top_k": [{"label": label, "probability": p} for label, p in row]} for image, row in zip(args.images, results)], indent=2))
+        print(json.dumps([{"image": image, "top_k": [{"label": label, "probability": p} for label, p in row]} for image, row in zip(images, results)], indent=2))
         return
-    print(format_table(args.images, results))
+    print(format_table(images, results))
+
+
+def _images_and_labels(images: list[str], words: list[str]) -> tuple[list[str], list[str]]:
+    """`classify`'s image paths and labels from its positionals and the values of --labels.
+
+    --labels takes several values (space- or comma-separated labels), so in `--labels "a cat,a dog" cat.jpg`
+    argparse gives it the image too. With no image before --labels, its first value is the labels and the
+    words after it are the images."""
+    if not images:
+        words, images = words[:1], words[1:]
+        if not images:
+            raise ValueError('give the image files to classify, e.g. openclip-lite classify cat.jpg --labels "a cat,a dog"')
+        stray = next((word for word in images if not os.path.exists(word)), None)
+        if stray is not None and "," not in words[0]:  # `--labels cat dog x.jpg`: space-separated labels, then images
+            raise ValueError(
+                f"{stray!r} is not a file: to give the images after --labels, give the labels as one comma-separated "
+                f'value (--labels "{words[0]},{stray}" IMAGE...), or give the images before --labels'
+            )
+    labels = [label.strip() for label in ",".join(words).split(",") if label.strip()]
+    if not labels:
+        raise ValueError("give at least one label with --labels")
+    return images, labels
 
 
 def format_table(images: list[str], results: list[list[tuple[str, float]]]) -> str:
@@ -77,8 +97,7 @@ def cmd_embed(args: argparse.Namespace) -> None:
     model, preprocess = clip.load(args.model, device=args.device, download_root=args.root)
     check_search_index_target(args.out, len(paths), embed_dim(model), kind, args.memory_budget)  # likewise
     with warnings.catch_warnings():
-        warnings.simplefilter("always", SkippedImageWarning)
-        warnings.showwarning = _print_warning  # one plain line per skipped file; catch_warnings restores it
+        warnings.simplefilter("always", SkippedImageWarning)  # one line per skipped file, even for the same error
         features, kept, skipped = clip.encode_images(
             model,
             preprocess,
@@ -205,9 +224,7 @@ def cmd_index_build(args: argparse.Namespace) -> None:
     from .index import build_index
 
     options = {"memory_budget": args.memory_budget} if args.memory_budget else {}
-    with warnings.catch_warnings():
-        warnings.showwarning = _print_warning  # a recall short of the target: one plain line
-        index = build_index(args.shards, kind=args.kind, metric=args.metric, model=args.model, target_recall=args.target_recall, **options)
+    index = build_index(args.shards, kind=args.kind, metric=args.metric, model=args.model, target_recall=args.target_recall, **options)
     index.save(args.out)
     print(f"{len(index)} vectors of {index.model or 'an unnamed model'} from {args.shards}: {_describe(index)}; written to {args.out}")
 
@@ -245,8 +262,11 @@ def _check_writable(out: str) -> None:
         folder = os.path.dirname(folder)
     if not os.path.isdir(folder):
         raise NotADirectoryError(f"cannot write {out}: {folder} is a file, not a folder")
-    with tempfile.TemporaryFile(dir=folder):  # PermissionError (or another OSError) when it cannot be written
-        pass
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:  # PermissionError, a read-only or virtual file system: its message would name the probe file
+        raise type(e)(f"cannot write {out}: no file can be created in {folder} ({e.strerror or e})") from None
 
 
 def cmd_index_tune(args: argparse.Namespace) -> None:
@@ -263,9 +283,7 @@ def cmd_index_tune(args: argparse.Namespace) -> None:
     args.k = min(args.k, len(index) - 1)  # each vector is a query for the others: at most n - 1 neighbours
     if args.k < 1:
         raise ValueError(f"{args.path} holds {len(index)} vector(s): too few to measure recall on")
-    with warnings.catch_warnings():
-        warnings.showwarning = _print_warning
-        index.tune(target_recall=args.target_recall, k=args.k, features=features)
+    index.tune(target_recall=args.target_recall, k=args.k, features=features)
     index.save(args.path)
     changes = ", ".join(f"{name} {before.get(name)} -> {value}" for name, value in index.params.items() if before.get(name) != value)
     caveat = " against its own quantised vectors (give --features SHARDS_DIR for the exact ones)" if index.kind in ("ivf_sq8", "ivf_pq") and features is None else ""
@@ -312,15 +330,24 @@ def _print_warning(message, category, filename, lineno, file=None, line=None) ->
     print(f"openclip-lite: warning: {message}", file=sys.stderr)
 
 
+# argparse names a type function in its "invalid <name> value" message, so these raise their own instead
+
+
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
 
 
 def _port(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number from 0 to 65535, got {text!r}") from None
     if not 0 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"a port is from 0 to 65535, got {value}")
     return value
@@ -340,10 +367,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_download)
 
     p = sub.add_parser("classify", help="zero-shot classify images against text labels")
-    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("images", nargs="*", help='image files (before --labels, or after a comma-separated --labels "a,b")')
     p.add_argument("--labels", nargs="+", required=True, help='labels, space- or comma-separated: --labels "red circle,blue square"')
     p.add_argument("--templates", help='"imagenet" for the 80 templates of the CLIP paper, or one template with {} (default: "a photo of a {}.")')
-    p.add_argument("--top-k", type=_positive_int, default=3)
+    p.add_argument("--top-k", type=_positive_int, default=3, help="labels to show per image (default: 3)")
     p.add_argument("--truncate", action="store_true", help="cut prompts too long for the model's context instead of failing")
     p.add_argument("--model", default="ViT-B/32", help="a released model name or a checkpoint path")
     p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the best available)")
@@ -357,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="ViT-B/32", help="a released model name or a checkpoint path")
     p.add_argument("--index", metavar="KIND", help="FAISS index kind for a folder --out: flat (default), ivf_flat, ivf_sq8, ivf_pq, hnsw or auto")
     p.add_argument("--memory-budget", metavar="SIZE", help="the most memory the index may use, e.g. 16G or 512M (units of 1024); without --index, picks the kind that fits (auto)")
-    p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="images per model call (default: 64)")
     p.add_argument("--num-workers", type=int, metavar="N", help="image decoding processes (default: one per CPU core, at most 16)")
     p.add_argument("--strict", action="store_true", help="stop at the first unreadable image instead of skipping it")
     p.add_argument("--progress", action="store_true", help="always show the progress bar (default: for 1,000 images or more, on a terminal)")
@@ -400,9 +427,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("index", help="manage indexes: build one from embedding shards, inspect or tune it, load shards into Milvus")
     index_sub = p.add_subparsers(dest="index_command", required=True)
     q = index_sub.add_parser("to-milvus", help="load the Parquet shards of `embed --engine ray` into a Milvus collection")
-    q.add_argument("shards", metavar="SHARDS_DIR")
+    q.add_argument("shards", metavar="SHARDS_DIR", help="the folder `embed --engine ray --out` wrote")
     q.add_argument("--uri", required=True, help="a Milvus Lite file (*.db) or a server, http://host:19530")
-    q.add_argument("--collection", required=True)
+    q.add_argument("--collection", required=True, help="the collection to load into (created if missing; an interrupted load of the same shards resumes)")
     q.add_argument("--index-type", help="FLAT, IVF_FLAT, IVF_SQ8 or HNSW (default: the collection's, else FLAT)")
     q.add_argument("--token", help="a Milvus server's token")
     q.set_defaults(func=cmd_index_to_milvus)
@@ -411,16 +438,16 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, metavar="INDEX_DIR", help="the folder to save the index to (what `search` and `serve` open)")
     q.add_argument("--kind", default="auto", choices=("auto", "flat", "ivf_flat", "ivf_sq8", "ivf_pq", "hnsw"), help="default: auto, which picks by size and --memory-budget")
     q.add_argument("--memory-budget", metavar="SIZE", help="the most memory the index may use, e.g. 4G or 512M (units of 1024)")
-    q.add_argument("--metric", default="cosine", choices=("cosine", "ip", "l2"))
+    q.add_argument("--metric", default="cosine", choices=("cosine", "ip", "l2"), help="the similarity searched by (default: cosine)")
     q.add_argument("--target-recall", type=float, default=0.95, help="recall@10 to tune nprobe / efSearch to (default: 0.95)")
     q.add_argument("--model", help="the model name to record (default: the shards' manifest's)")
     q.set_defaults(func=cmd_index_build)
     q = index_sub.add_parser("info", help="what an index folder holds: kind, parameters, count, model, recall, size")
-    q.add_argument("path", metavar="INDEX_DIR")
+    q.add_argument("path", metavar="INDEX_DIR", help="an index folder (what `index build` or `embed --index` wrote)")
     q.add_argument("--json", action="store_true", help="print JSON instead of a list")
     q.set_defaults(func=cmd_index_info)
     q = index_sub.add_parser("tune", help="set an index's nprobe / efSearch to the smallest that reaches a recall, and save it")
-    q.add_argument("path", metavar="INDEX_DIR")
+    q.add_argument("path", metavar="INDEX_DIR", help="the index folder to tune; it is saved in place")
     q.add_argument("--target-recall", type=float, default=0.95, help="recall@k to reach, against exact search (default: 0.95)")
     q.add_argument("-k", type=_positive_int, default=10, help="the k of recall@k (default: 10; at most the index's size - 1)")
     q.add_argument("--features", metavar="SHARDS_DIR", help="the shards the index was built from: recall against their exact vectors (default: the index's own, quantised for ivf_sq8 / ivf_pq)")
@@ -445,7 +472,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        args.func(args)
+        with warnings.catch_warnings():  # restores Python's own printer for callers of main() in a process of theirs
+            # warnings are messages for the user here (a skipped image, 16-bit pixels clipped, a recall short of its
+            # target): one plain line each, not Python's file:line and source line
+            warnings.showwarning = _print_warning
+            args.func(args)
     except BrokenPipeError:  # `openclip-lite models | head -1`: the reader left; not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that Python's exit flush stays quiet
         return 1

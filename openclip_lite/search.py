@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -480,7 +481,12 @@ def save_embeddings(path: PathLike, features: Tensor, paths: Sequence[str], mode
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     temporary = f"{path}.tmp{os.getpid()}"
     try:
+        # safetensors' save_file makes its files 0600, unreadable to the other users of a shared folder: the file
+        # gets the mode any new file gets here (0666 less the umask), read from one open() makes first
+        open(temporary, "wb").close()
+        mode = stat.S_IMODE(os.stat(temporary).st_mode)
         save_file(tensors, temporary, metadata=metadata)
+        os.chmod(temporary, mode)
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):

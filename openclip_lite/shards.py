@@ -114,6 +114,11 @@ def open_shards(folder: str | os.PathLike) -> Shards:
         info = filesystem.get_file_info(root)
     except Exception as e:  # pyarrow raises ArrowInvalid / OSError for unknown schemes and unreachable stores
         raise ShardError(f"cannot open {folder} ({e})") from e
+    if info.type == pafs.FileType.File:
+        raise ShardError(
+            f"{folder} is a file, not a folder of embedding shards: give the folder of Parquet shards that "
+            f"`openclip-lite embed SOURCE --engine ray --out FOLDER` writes{_embeddings_file_hint(folder)}"
+        )
     if info.type != pafs.FileType.Directory:
         raise FileNotFoundError(f"shards folder {folder} does not exist; make one with: openclip-lite embed SOURCE --engine ray --out {folder}")
     names = sorted(i.base_name for i in filesystem.get_file_info(pafs.FileSelector(root)) if i.type == pafs.FileType.File)
@@ -152,6 +157,17 @@ def open_shards(folder: str | os.PathLike) -> Shards:
             f"or removed after the job: rerun the same embed to bring them back in line"
         )
     return Shards(folder, filesystem, files, counts, int(dim), manifest.get("model"))
+
+
+def _embeddings_file_hint(path: str) -> str:
+    from .search import EMBEDDINGS_SUFFIXES  # here, not at the top: search imports torch and PIL
+
+    if not path.lower().endswith(EMBEDDINGS_SUFFIXES):
+        return ""
+    return (
+        "; an embeddings file that `embed --out FILE.safetensors` wrote is searched as it is, and for a FAISS "
+        f"index embed into a folder instead: openclip-lite embed SOURCE --out {os.path.splitext(path)[0]}-index --index auto"
+    )
 
 
 def _job_metadata(schema: Any) -> dict | None:

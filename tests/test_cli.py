@@ -241,3 +241,108 @@ def test_index_build_from_shards_then_search(tmp_path):
 
     result = run("index", "build", str(tmp_path / "photos"), "--out", str(tmp_path / "bad"))
     assert result.returncode == 1 and "no Parquet shards" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------------- messages
+
+
+def test_classify_images_may_follow_comma_separated_labels():
+    images = [os.path.join(ASSETS, "red_circle.jpg"), os.path.join(ASSETS, "blue_square.jpg")]
+    result = run("classify", "--labels", "red circle,blue square", *images, "--model", DEMO, "--device", "cpu", "--json")
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert [row["image"] for row in out] == images
+    assert [row["top_k"][0]["label"] for row in out] == ["red circle", "blue square"]
+    assert {label["label"] for label in out[0]["top_k"]} == {"red circle", "blue square"}  # the images are no labels
+
+    # space-separated labels, then images: not told apart, so the error says how to write it
+    result = run("classify", "--labels", "red circle", "blue square", images[0], "--model", DEMO, "--device", "cpu")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "'blue square' is not a file" in result.stderr and '--labels "red circle,blue square" IMAGE...' in result.stderr
+    result = run("classify", "--labels", "red circle,blue square", "--model", DEMO, "--device", "cpu")
+    assert result.returncode == 1 and "give the image files to classify" in result.stderr
+
+
+def test_index_build_of_a_file_says_it_takes_a_shards_folder(tmp_path):
+    import torch
+
+    from openclip_lite.search import save_embeddings
+
+    embeddings = tmp_path / "photos.safetensors"
+    save_embeddings(embeddings, torch.nn.functional.normalize(torch.ones(2, 4), dim=1), ["a.jpg", "b.jpg"], DEMO)
+    result = run("index", "build", str(embeddings), "--out", str(tmp_path / "index"))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"{embeddings} is a file, not a folder of embedding shards" in result.stderr and "does not exist" not in result.stderr
+    assert "embed SOURCE --engine ray --out FOLDER" in result.stderr
+    assert f"--out {tmp_path / 'photos'}-index --index auto" in result.stderr
+    assert not (tmp_path / "index").exists()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc, where no file can be created")
+def test_embed_to_an_unwritable_place_names_the_out_path():
+    out = "/proc/nope/x.safetensors"  # even root cannot create a file in /proc
+    result = run("embed", os.path.join(ASSETS, "red_circle.jpg"), "--out", out, "--model", DEMO, "--device", "cpu")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == f"openclip-lite: error: cannot write {out}: no file can be created in /proc (No such file or directory)"
+
+
+def test_warnings_are_one_plain_line_in_every_command(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    path = tmp_path / "deep.png"
+    pixels = np.linspace(0, 65535, 32 * 32).astype(np.uint16).reshape(32, 32)  # 16-bit values past 255: clipped
+    Image.fromarray(pixels).save(path)
+    classify = run("classify", str(path), "--labels", "red circle,blue square", "--model", DEMO, "--device", "cpu")
+    embed = run("embed", str(path), "--out", str(tmp_path / "deep.safetensors"), "--model", DEMO, "--device", "cpu", "--num-workers", "0")
+    for result in (classify, embed):
+        assert result.returncode == 0, result.stderr
+        assert result.stderr.splitlines() == [
+            (
+                f"openclip-lite: warning: {path} has mode I;16 with values from 0 to 65535; converting it to RGB "
+                "clips them to 0..255, as OpenAI's clip does. Scale it to 8 bits first to keep the picture."
+            )
+        ]
+
+
+def test_bad_numbers_are_told_without_internal_names():
+    image = os.path.join(ASSETS, "red_circle.jpg")
+    result = run("classify", image, "--labels", "a,b", "--top-k", "abc")
+    assert result.returncode == 2
+    assert "argument --top-k: expected a positive whole number, got 'abc'" in result.stderr and "_positive_int" not in result.stderr
+    result = run("serve", "photos.safetensors", "--port", "abc")
+    assert result.returncode == 2
+    assert "argument --port: expected a port number from 0 to 65535, got 'abc'" in result.stderr and "_port" not in result.stderr
+
+
+def test_every_argument_has_help():
+    import argparse
+
+    from openclip_lite.cli import build_parser
+
+    def parsers(parser):
+        yield parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    yield from parsers(sub)
+
+    lacking = [
+        f"{parser.prog} {'/'.join(action.option_strings) or action.dest}"
+        for parser in parsers(build_parser())
+        for action in parser._actions
+        if not action.help and not isinstance(action, argparse._SubParsersAction)
+    ]
+    assert lacking == []
+    result = run("classify", "--help")
+    assert result.returncode == 0 and "labels to show per image" in result.stdout
+
+
+def test_embeddings_file_gets_the_mode_of_any_new_file(tmp_path):
+    out = tmp_path / "shapes.safetensors"
+    result = run("embed", os.path.join(ASSETS, "red_circle.jpg"), "--out", str(out), "--model", DEMO, "--device", "cpu", "--num-workers", "0")
+    assert result.returncode == 0, result.stderr
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # as open() creates files, not safetensors' 0600
+    assert [p.name for p in tmp_path.iterdir()] == ["shapes.safetensors"]  # written under a temporary name, renamed
