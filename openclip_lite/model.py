@@ -55,14 +55,16 @@ def pristine(*modules: nn.Module) -> bool:
     Only then may a tower compute around its modules' own forward, leaving out positions no one reads or folding a
     weight into another product: a hook, a patched `forward` or a wrapper must see, and change, what it would in
     OpenAI's model. Checked at every call (about 0.1 ms for ViT-B/32's image tower), so a change made at any time
-    takes effect at the next call. Global module hooks (`register_module_forward_hook`) do not count: profilers
-    such as `FlopCounterMode` use them to measure the code as it runs, not to read a module's output.
+    takes effect at the next call, also in a `torch.compile`d model (a patched `forward` is found by identity, which
+    its guards check). Global module hooks (`register_module_forward_hook`) do not count: profilers such as
+    `FlopCounterMode` use them to measure the code as it runs, not to read a module's output.
     """
     for module in modules:
         inside = list(module.modules())
         for m in inside:
-            state = m.__dict__
-            if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks or "forward" in state:
+            if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
+                return False
+            if getattr(m.forward, "__func__", None) is not type(m).forward:  # replaced on the instance
                 return False
         record = getattr(module, "_built_classes", None)
         if record is not None and tuple(type(m) for m in inside) != record:
@@ -149,30 +151,48 @@ class ResidualAttentionBlock(nn.Module):
 
     def forward(self, x: Tensor, batch_first: bool = False) -> Tensor:
         """x : shape = (n_ctx, batch_size, width) as OpenAI's block, or (batch_size, n_ctx, width) -> the same shape"""
-        if pristine(self):
-            return self.attend(x, batch_first)[0]
-        # watched, patched or changed inside: OpenAI's steps, every module called as there, residuals summed anew
-        x = x.transpose(0, 1) if batch_first else x
-        x = x + self.attention(self.ln_1(x))
-        x = x + self.mlp(self.ln_2(x))
-        return x.transpose(0, 1) if batch_first else x
+        return self.attend(x, batch_first)[0]
 
     def attention(self, x: Tensor) -> Tensor:
-        """x : shape = (n_ctx, batch_size, width) -> the same shape: `attn` called as OpenAI's block calls it"""
+        """x : shape = (n_ctx, batch_size, width) -> the same shape, OpenAI's `attention`: `attn` as built runs SDPA,
+        one that is watched or replaced is called as OpenAI's block calls it."""
+        if self.attn_as_built():
+            return self.attn.self_attention(x.transpose(0, 1), self.causal)[0].transpose(0, 1)
         mask = causal_mask(x.shape[0], x.dtype, x.device) if self.causal else None
         return self.attn(x, x, x, need_weights=False, attn_mask=mask)[0]
 
-    def attend(self, x: Tensor, batch_first: bool = False, need_weights: bool = False) -> tuple[Tensor, Optional[Tensor]]:
-        """`forward` on the fast path, and with `need_weights` the attention maps (batch_size, heads, n_ctx, n_ctx)
+    def attn_as_built(self) -> bool:
+        """Whether `attn` is this file's attention, unwatched and unpatched: then SDPA may run in its place."""
+        return type(self.attn) is MultiheadAttention and pristine(self.attn)
 
-        Only the attention needs batch first (SDPA's layout); every other module gets the layout it gets in
-        OpenAI's block.
+    def attend(self, x: Tensor, batch_first: bool = False, need_weights: bool = False) -> tuple[Tensor, Optional[Tensor]]:
+        """`forward`, and with `need_weights` the attention maps (batch_size, heads, n_ctx, n_ctx), fp32
+
+        As built, only the attention takes batch first (SDPA's layout), every other module gets the layout it gets
+        in OpenAI's block, and each residual is summed into its branch's fresh output. Watched, patched or changed
+        inside, the block runs OpenAI's steps, each module called and each sum a new tensor (a hook may keep the
+        tensor it is given).
         """
+        if pristine(self):
+            h = self.ln_1(x)
+            attn, weights = self.attn.self_attention(h if batch_first else h.transpose(0, 1), self.causal, need_weights)
+            x = (attn if batch_first else attn.transpose(0, 1)).add_(x)  # in place into the fresh output: the input untouched
+            x = self.mlp(self.ln_2(x)).add_(x)
+            return x, weights
+        x = x.transpose(0, 1) if batch_first else x
         h = self.ln_1(x)
-        attn, weights = self.attn.self_attention(h if batch_first else h.transpose(0, 1), self.causal, need_weights)
-        x = (attn if batch_first else attn.transpose(0, 1)).add_(x)  # each residual is summed into its branch's fresh output: the input untouched
-        x = self.mlp(self.ln_2(x)).add_(x)
-        return x, weights
+        if need_weights and not self.attn_as_built():  # the maps from `attn` itself, per head
+            mask = causal_mask(h.shape[0], h.dtype, h.device) if self.causal else None
+            attn, weights = self.attn(h, h, h, need_weights=True, attn_mask=mask, average_attn_weights=False)
+            weights = weights.float()
+        elif need_weights:
+            attn, weights = self.attn.self_attention(h.transpose(0, 1), self.causal, need_weights=True)
+            attn = attn.transpose(0, 1)
+        else:
+            attn, weights = self.attention(h), None
+        x = x + attn
+        x = x + self.mlp(self.ln_2(x))
+        return (x.transpose(0, 1) if batch_first else x), weights
 
     def forward_rows(self, x: Tensor, rows: Tensor) -> Tensor:
         """x : shape = (batch_size, n_ctx, width) -> the output at one position per batch item, (batch_size, width)
@@ -234,9 +254,20 @@ class Transformer(nn.Module):
         """x : shape = (batch_size, n_ctx, width) -> the output, every block's output and (with `need_weights`)
         every block's attention maps."""
         hidden, maps = [], []
-        for block in self.resblocks:
-            # called as OpenAI's blocks are where no maps are wanted, so that hooks and wrappers take part as in `forward`
-            x, weights = block.attend(x, True, need_weights) if need_weights else (block(x.transpose(0, 1)).transpose(0, 1), None)
+        for i, block in enumerate(self.resblocks):
+            if need_weights:
+                # the maps are read inside the block, which a wrapper, a replacement or a patched forward would skip
+                if not isinstance(block, ResidualAttentionBlock) or getattr(block.forward, "__func__", None) is not type(block).forward:
+                    raise InputError(
+                        f"attention maps are read inside each block, and block {i} was wrapped, replaced or had its "
+                        f"forward patched ({type(block).__name__}): ask for the intermediates without output_attentions"
+                    )
+                x, weights = block.attend(x, True, True)
+            elif isinstance(block, ResidualAttentionBlock):  # called, so that hooks on the block take part as in `forward`
+                x, weights = block(x, batch_first=True), None
+            else:  # a block wrapped or replaced takes OpenAI's (n_ctx, batch_size, width)
+                x, weights = block(x.transpose(0, 1)).transpose(0, 1), None
+            x = x.contiguous()  # a block that is not as built answers a transposed view
             hidden.append(x)
             if need_weights:
                 maps.append(weights)
@@ -469,8 +500,8 @@ class ModifiedResNet(nn.Module):
         if -(-h // 2) // 16 != grid or -(-w // 2) // 16 != grid:  # the map the attention pool gets: a stride-2 conv, then four halvings
             raise image_size_error(h, w, self.input_resolution)
         # channels_last (NHWC): the layout oneDNN and cuDNN convolve fastest; every later activation inherits it.
-        # Not while a hook watches (it gets OpenAI's contiguous NCHW tensors, on which `.view(n, -1)` works), nor in
-        # training: batch statistics summed over NHWC on the CPU carry ~17x the rounding error, and gradients drift
+        # Not while anything is hooked, patched or replaced (a hook gets OpenAI's contiguous NCHW tensors, on which
+        # `.view(n, -1)` works), nor in training: batch statistics summed over NHWC on the CPU carry ~17x the rounding error, and gradients drift
         layout = torch.channels_last if pristine(self) and not self.training else torch.contiguous_format
         x = x.to(dtype=self.conv1.weight.dtype, memory_format=layout)
         x = self.relu1(self.bn1(self.conv1(x)))
@@ -744,7 +775,7 @@ def model_config(state_dict: dict[str, Tensor]) -> dict:
         # width // 64 heads, builds no attention (nn.MultiheadAttention would fail with an assert)
         if width < 64 or width % (width // 64):
             raise CheckpointError(
-                f"checkpoint entry {key!r} says a transformer is {width} wide; CLIP's have one attention head per 64 "
+                f"checkpoint entry {key!r} says an attention layer is {width} wide; CLIP's have one head per 64 "
                 "channels, so a width is at least 64 and splits evenly into width // 64 heads"
             )
         return width // 64
@@ -779,6 +810,7 @@ def model_config(state_dict: dict[str, Tensor]) -> dict:
         agree(dims("visual.attnpool.c_proj.weight", 2)[0], "visual.attnpool.c_proj.weight", embed_dim, "text_projection")
         output_width = round((tokens - 1) ** 0.5)
         agree(output_width**2 + 1, "visual.attnpool.positional_embedding", tokens, "a square grid plus a mean token")
+        heads(vision_width * 32, "visual.layer1.0.conv1.weight")  # the attention pool's
         vision_patch_size = None
         image_resolution = output_width * 32
     if (vision_layers if isinstance(vision_layers, int) else min(vision_layers)) == 0:

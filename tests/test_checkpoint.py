@@ -465,6 +465,14 @@ def test_a_width_that_does_not_split_into_heads_is_a_checkpoint_error(vit_weight
         build_model(state_dict)
 
 
+@pytest.mark.parametrize("width", [1, 7])
+def test_a_resnet_whose_attention_pool_does_not_split_into_heads_is_a_checkpoint_error(width):
+    # the pool is width * 32 wide with width // 2 heads: 1 makes none, 7 (224 wide, 3 heads) does not split
+    config = (32, 64, (1, 1, 1, 1), width, None, 77, 49408, 64, 1, 2)
+    with pytest.raises(CheckpointError, match=f"visual.layer1.0.conv1.weight.* {width * 32} wide"):
+        build_model(ReferenceCLIP(*config).state_dict())
+
+
 @pytest.mark.parametrize("prefix", ["transformer.resblocks.", "visual.transformer.resblocks."])
 def test_a_tower_without_blocks_is_a_checkpoint_error(vit_weights, prefix):
     # each tower reads its output from its last block, so a tower with none is not a CLIP (and must not load as one)

@@ -384,3 +384,60 @@ def test_resnet_trains_as_openais():
         # with a floor for the attention pool's key bias, whose gradient is zero in exact arithmetic (softmax ignores
         # a constant added to every score) and so rounding noise on both sides
         assert (grad - expected_grad).norm() <= 1e-5 * expected_grad.norm() + 1e-6, name
+
+
+def with_plain_attention(model: nn.Module) -> nn.Module:
+    """Every block's attn swapped for a plain nn.MultiheadAttention holding the same weights."""
+    for module in list(model.modules()):
+        if isinstance(getattr(module, "attn", None), nn.MultiheadAttention):
+            replacement = nn.MultiheadAttention(module.attn.embed_dim, module.attn.num_heads)
+            replacement.load_state_dict(module.attn.state_dict())
+            module.attn = replacement
+    return model
+
+
+@torch.no_grad()
+def test_attention_maps_of_changed_blocks():
+    # forward_intermediates with maps on a model whose attention was swapped: the features are still the model's
+    # own, the maps still softmax(QKᵀ/√d) per head
+    from openclip_lite.errors import InputError
+
+    ref = reference_model("tiny-vit")
+    x, tokens = images(ref), openai_clip.tokenize(TEXTS)
+    plain = build_model(ref.state_dict()).forward_intermediates(x, tokens, output_attentions=True)
+    swapped = with_plain_attention(build_model(ref.state_dict()))
+    out = swapped.forward_intermediates(x, tokens, output_attentions=True)
+    assert relative_error(out["image_features"], ref.encode_image(x)) < 1e-5
+    assert relative_error(out["text_features"], ref.encode_text(tokens)) < 1e-5
+    for key in ("image_attentions", "text_attentions"):
+        for actual, expected in zip(out[key], plain[key]):
+            assert actual.dtype == torch.float32 and actual.shape == expected.shape
+            assert relative_error(actual, expected) < 1e-5
+    # a block whose forward is patched, or that is wrapped, would be skipped by reading the maps inside it: refused
+    for how in ("forward patched", "wrapped"):
+        changed = build_model(ref.state_dict())
+        change_last_block(how, changed.visual.transformer.resblocks)
+        with pytest.raises(InputError, match="block 1 was wrapped, replaced or had its forward patched"):
+            changed.forward_intermediates(x, output_attentions=True)
+        assert relative_error(changed.forward_intermediates(x)["image_features"], changed.encode_image(x)) < 1e-6
+
+
+@torch.no_grad()
+def test_intermediates_are_contiguous():
+    # code written for open_clip flattens them with .view; blocks as built and blocks changed alike
+    for ours in (build_model(reference_model("tiny-vit").state_dict()), with_plain_attention(build_model(reference_model("tiny-vit").state_dict()))):
+        out = ours.forward_intermediates(images(ours), openai_clip.tokenize(TEXTS))
+        assert all(h.is_contiguous() for h in out["image_intermediates"] + out["text_intermediates"])
+        assert out["image_intermediates"][0].view(2, -1).shape[0] == 2
+
+
+@torch.no_grad()
+def test_a_forward_patched_after_compiling_takes_effect():
+    # torch.compile guards on what `pristine` reads: a patch made after the first compiled call recompiles
+    ref, ours = reference_model("tiny-vit"), build_model(reference_model("tiny-vit").state_dict())
+    tokens = openai_clip.tokenize(TEXTS)
+    compiled = torch.compile(ours.encode_text, fullgraph=True)
+    compiled(tokens)
+    for model in (ref, ours):
+        patch_forward(model.transformer.resblocks[-1])
+    assert relative_error(compiled(tokens), ref.encode_text(tokens)) < 1e-5
