@@ -104,22 +104,11 @@ def open_image(path: "str | os.PathLike") -> Image.Image:
 
 
 def decode_image(source: "str | os.PathLike | io.BytesIO", name: str) -> Image.Image:
-    """Fully decode `source` (a path or an in-memory file), or raise ImageError naming `name` and the reason.
-
-    A file is read into memory first and the image keeps that copy: PIL reads the later frames of a GIF or TIFF
-    (`n_frames`, `seek`) from the image's file, so closing the file would break them, and keeping it open would
-    leave one open file per image. `image.filename` is still the path.
-    """
+    """Fully decode `source` (a path or an in-memory file), or raise ImageError naming `name` and the reason."""
     try:
-        if isinstance(source, (str, os.PathLike)):
-            path = os.fspath(source)
-            with open(path, "rb") as f:
-                image = Image.open(io.BytesIO(f.read()))
-            image.filename = path  # what Image.open(path) sets; error messages name the file by it
-        else:
-            image = Image.open(source)
-        image.load()
-        return image
+        with Image.open(source) as image:
+            image.load()
+            return image
     except Image.DecompressionBombError as e:
         raise ImageError(f"{name} is too large to decode safely ({e}); downscale it first") from e
     except MemoryError:

@@ -103,7 +103,10 @@ def test_ctrl_c_during_download_is_one_line_and_exit_code_130(tmp_path):
         env = {**os.environ, "OPENCLIP_LITE_OPENAI_URL": server.url + "/clip/models"}
         env.pop("HF_HUB_OFFLINE", None), env.pop("OPENCLIP_LITE_OFFLINE", None)
         root = tmp_path / "cache"
-        args = command("download", "RN50", "--source", "openai", "--root", str(root))
+        # Ctrl-C made KeyboardInterrupt in the child also where this test run was started in the background (CI):
+        # SIGINT is ignored there, and a Python started so never raises it
+        catch_ctrl_c = "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); from openclip_lite.cli import main; sys.exit(main())"
+        args = [sys.executable, "-c", catch_ctrl_c, "download", "RN50", "--source", "openai", "--root", str(root)]
         child = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
         try:
             deadline = time.monotonic() + 120

@@ -50,16 +50,3 @@ def test_steps_at_openai_indices():
     for step, expected in zip(ours, reference):
         assert isinstance(step, type(expected)) or (callable(step) and callable(expected) and not isinstance(expected, torch.nn.Module))
     assert ours[0].size == reference[0].size and ours[1].size == reference[1].size and ours[-1].mean == reference[-1].mean
-
-
-def test_open_image_keeps_every_frame_usable(tmp_path):
-    from openclip_lite.transform import open_image
-
-    path = tmp_path / "anim.gif"
-    frames = [Image.new("RGB", (8, 8), colour) for colour in ("red", "green", "blue")]
-    frames[0].save(path, save_all=True, append_images=frames[1:], duration=50)
-    opened = open_image(path)
-    assert opened.filename == str(path) and opened.format == "GIF"
-    assert opened.n_frames == 3  # PIL reads the later frames from the file: it must still be there
-    opened.seek(2)
-    assert opened.convert("RGB").getpixel((0, 0)) == (0, 0, 255)
