@@ -50,12 +50,13 @@ def built(module: nn.Module) -> None:
 
 def pristine(*modules: nn.Module) -> bool:
     """Whether these modules are as this file built them: no hook on them or on any module inside, no module's
-    `forward` replaced on the instance, no module swapped for another class (against the record `built` made).
+    `forward` (or a block's `attention`) replaced on the instance or on its class since this file was imported, no
+    module swapped for another (against the record `built` made), no block given another `attn_mask`.
 
     Only then may a tower compute around its modules' own forward, leaving out positions no one reads or folding a
     weight into another product: a hook, a patched `forward` or a wrapper must see, and change, what it would in
     OpenAI's model. Checked at every call (about 0.1 ms for ViT-B/32's image tower), so a change made at any time
-    takes effect at the next call, also in a `torch.compile`d model (a patched `forward` is found by identity, which
+    takes effect at the next call, also in a `torch.compile`d model (a patched method is found by identity, which
     its guards check). Global module hooks (`register_module_forward_hook`) do not count: profilers such as
     `FlopCounterMode` use them to measure the code as it runs, not to read a module's output.
     """
@@ -64,8 +65,12 @@ def pristine(*modules: nn.Module) -> bool:
         for m in inside:
             if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
                 return False
-            if getattr(m.forward, "__func__", None) is not type(m).forward:  # replaced on the instance
+            methods = OWN_METHODS.get(type(m))
+            if methods is None or (isinstance(m, ResidualAttentionBlock) and m.attn_mask_changed):  # another class, another mask
                 return False
+            for name, function in methods:  # replaced on the instance, or on the class (as OpenAI-era code patches)
+                if getattr(getattr(m, name), "__func__", None) is not function:
+                    return False
         record = getattr(module, "_built_classes", None)
         if record is not None and tuple(type(m) for m in inside) != record:
             return False
@@ -140,14 +145,41 @@ def attention_with_weights(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> tup
 
 
 class ResidualAttentionBlock(nn.Module):
-    def __init__(self, width: int, heads: int, causal: bool = False):
+    def __init__(self, d_model: int, n_head: int, attn_mask: Optional[Tensor] = None):
+        """OpenAI's arguments: attn_mask is None (image tower), the additive causal mask (text tower) or any other
+        additive mask, which the block then applies as OpenAI's does."""
         super().__init__()
-        self.causal = causal  # OpenAI's block holds a causal `attn_mask` for the text tower; SDPA needs only the flag
-        self.attn = MultiheadAttention(width, heads)
-        self.ln_1 = LayerNorm(width)
-        self.mlp = MLP(width, width * 4)
-        self.ln_2 = LayerNorm(width)
+        self.attn = MultiheadAttention(d_model, n_head)
+        self.ln_1 = LayerNorm(d_model)
+        self.mlp = MLP(d_model, d_model * 4)
+        self.ln_2 = LayerNorm(d_model)
+        self.attn_mask = attn_mask
+        self.attn_mask_as_built = self.mask_kind
         built(self)
+
+    @property
+    def attn_mask(self) -> Optional[Tensor]:
+        """OpenAI's attribute: None, or the additive (n_ctx, n_ctx) mask. SDPA needs only `causal`, read from it."""
+        return self._attn_mask
+
+    @attn_mask.setter
+    def attn_mask(self, mask: Optional[Tensor]) -> None:
+        # compared once here, not at every call: the fast paths know no mask and the causal one (SDPA's is_causal);
+        # another mask, or a mask other than the one built with (text made bidirectional), changes the block
+        self._attn_mask = mask
+        self.causal = (
+            mask is not None and mask.dim() == 2 and mask.is_floating_point() and torch.equal(mask, causal_mask(len(mask), mask.dtype, mask.device))
+        )
+        self.mask_kind = "none" if mask is None else "causal" if self.causal else "custom"
+        self.attn_mask_changed = self.mask_kind != self.__dict__.get("attn_mask_as_built", self.mask_kind) or self.mask_kind == "custom"
+
+    def mask_for(self, x: Tensor) -> Optional[Tensor]:
+        """x : shape = (n_ctx, batch_size, width) -> `attn_mask` as OpenAI's block passes it to `attn` (the causal
+        mask cut to n_ctx, so that shorter sequences take it too)."""
+        if self.attn_mask is None:
+            return None
+        mask = self.attn_mask.to(dtype=x.dtype, device=x.device)
+        return mask[: x.shape[0], : x.shape[0]] if self.causal else mask
 
     def forward(self, x: Tensor, batch_first: bool = False) -> Tensor:
         """x : shape = (n_ctx, batch_size, width) as OpenAI's block, or (batch_size, n_ctx, width) -> the same shape"""
@@ -156,10 +188,9 @@ class ResidualAttentionBlock(nn.Module):
     def attention(self, x: Tensor) -> Tensor:
         """x : shape = (n_ctx, batch_size, width) -> the same shape, OpenAI's `attention`: `attn` as built runs SDPA,
         one that is watched or replaced is called as OpenAI's block calls it."""
-        if self.attn_as_built():
+        if self.attn_as_built() and not self.attn_mask_changed:
             return self.attn.self_attention(x.transpose(0, 1), self.causal)[0].transpose(0, 1)
-        mask = causal_mask(x.shape[0], x.dtype, x.device) if self.causal else None
-        return self.attn(x, x, x, need_weights=False, attn_mask=mask)[0]
+        return self.attn(x, x, x, need_weights=False, attn_mask=self.mask_for(x))[0]
 
     def attn_as_built(self) -> bool:
         """Whether `attn` is this file's attention, unwatched and unpatched: then SDPA may run in its place."""
@@ -181,9 +212,8 @@ class ResidualAttentionBlock(nn.Module):
             return x, weights
         x = x.transpose(0, 1) if batch_first else x
         h = self.ln_1(x)
-        if need_weights and not self.attn_as_built():  # the maps from `attn` itself, per head
-            mask = causal_mask(h.shape[0], h.dtype, h.device) if self.causal else None
-            attn, weights = self.attn(h, h, h, need_weights=True, attn_mask=mask, average_attn_weights=False)
+        if need_weights and (not self.attn_as_built() or self.attn_mask_changed):  # the maps from `attn` itself, per head
+            attn, weights = self.attn(h, h, h, need_weights=True, attn_mask=self.mask_for(h), average_attn_weights=False)
             weights = weights.float()
         elif need_weights:
             attn, weights = self.attn.self_attention(h.transpose(0, 1), self.causal, need_weights=True)
@@ -229,10 +259,10 @@ class MLP(nn.Sequential):
 class Transformer(nn.Module):
     """A stack of residual attention blocks. Called, it is OpenAI's (sequence first); the towers use `forward_rows`."""
 
-    def __init__(self, width: int, layers: int, heads: int, causal: bool = False):
+    def __init__(self, width: int, layers: int, heads: int, attn_mask: Optional[Tensor] = None):
         super().__init__()
-        self.width, self.layers, self.causal = width, layers, causal
-        self.resblocks = nn.Sequential(*[ResidualAttentionBlock(width, heads, causal) for _ in range(layers)])
+        self.width, self.layers = width, layers
+        self.resblocks = nn.Sequential(*[ResidualAttentionBlock(width, heads, attn_mask) for _ in range(layers)])
         built(self)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -293,18 +323,21 @@ class VisionTransformer(nn.Module):
     def embed(self, x: Tensor) -> Tensor:
         """x : shape = (batch_size, 3, res, res) -> tokens (batch_size, grid ** 2 + 1, width), class token first"""
         n, channels, h, w = x.shape
-        p, gh, gw = self.patch_size, h // self.patch_size, w // self.patch_size  # the grid the convolution makes
-        if gh * gw + 1 != self.positional_embedding.shape[0]:
-            raise image_size_error(h, w, self.input_resolution)
-        if type(self.conv1) is nn.Conv2d and pristine(self.conv1):
-            # conv1 (kernel = stride = patch) is one matmul over the image's patch x patch tiles, each flattened as
-            # the kernel is (channel, row, column); on the CPU ~20% faster than the convolution, and the tokens come
-            # out in (n, grid ** 2, width) order. Pixels past the last whole tile are dropped, as the convolution does.
-            tiles = x.type(self.conv1.weight.dtype)[:, :, : gh * p, : gw * p].reshape(n, channels, gh, p, gw, p)
-            tiles = tiles.permute(0, 2, 4, 1, 3, 5).reshape(n, gh * gw, channels * p * p)
-            x = tiles @ self.conv1.weight.view(self.conv1.out_channels, -1).t()  # (n, grid ** 2, width)
-        else:  # a hooked or replaced conv1 is called, as in OpenAI's model
-            x = self.conv1(x).flatten(2).transpose(1, 2)  # (n, grid ** 2, width)
+        conv, tokens = self.conv1, self.positional_embedding.shape[0]
+        if is_patchify(conv):
+            # conv1 (kernel = stride, no padding) is one matmul over the image's tiles, each flattened as the kernel
+            # is (channel, row, column); on the CPU ~20% faster than the convolution, and the tokens come out in
+            # (n, grid ** 2, width) order. Pixels past the last whole tile are dropped, as the convolution does.
+            (ph, pw), (gh, gw) = conv.kernel_size, (h // conv.kernel_size[0], w // conv.kernel_size[1])
+            if gh * gw + 1 != tokens:
+                raise image_size_error(h, w, self.input_resolution)
+            tiles = x.type(conv.weight.dtype)[:, :, : gh * ph, : gw * pw].reshape(n, channels, gh, ph, gw, pw)
+            tiles = tiles.permute(0, 2, 4, 1, 3, 5).reshape(n, gh * gw, channels * ph * pw)
+            x = tiles @ conv.weight.view(conv.out_channels, -1).t()  # (n, grid ** 2, width)
+        else:  # a hooked, replaced or reconfigured conv1 is called, as in OpenAI's model
+            x = conv(x).flatten(2).transpose(1, 2)  # (n, grid ** 2, width)
+            if x.shape[1] + 1 != tokens:
+                raise image_size_error(h, w, self.input_resolution)
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
         return self.ln_pre(x)
@@ -313,10 +346,16 @@ class VisionTransformer(nn.Module):
         """x : shape = (batch_size, 3, res, res) -> (batch_size, output_dim)"""
         if pristine(self):
             cls = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)  # the class token is the one read out
-            return self.ln_post(self.transformer.forward_rows(self.embed(x), cls)) @ self.proj
+            return self.head(self.transformer.forward_rows(self.embed(x), cls))
         # watched or changed: every position through every block, each module called on what it gets in OpenAI's model
         x = self.transformer(self.embed(x).transpose(0, 1)).transpose(0, 1)
-        return self.ln_post(x[:, 0, :]) @ self.proj
+        return self.head(x[:, 0, :])
+
+    def head(self, x: Tensor) -> Tensor:
+        """x : shape = (..., width) -> (..., output_dim): `ln_post`, then `proj` unless it was set to None (OpenAI's
+        model then gives the features before the projection, as linear probes sometimes ask)"""
+        x = self.ln_post(x)
+        return x if self.proj is None else x @ self.proj
 
     def forward_intermediates(self, x: Tensor, indices: "int | list[int] | None" = None, need_weights: bool = False) -> dict:
         """x : shape = (batch_size, 3, res, res) -> a dict of
@@ -329,9 +368,9 @@ class VisionTransformer(nn.Module):
         take = take_indices(self.transformer.layers, indices)
         x, hidden, maps = self.transformer.forward_intermediates(self.embed(x), need_weights)
         out = {
-            "image_features": self.ln_post(x[:, 0, :]) @ self.proj,  # `forward`'s features, within rounding
+            "image_features": self.head(x[:, 0, :]),  # `forward`'s features, within rounding
             "image_intermediates": [hidden[i] for i in take],
-            "image_tokens": self.ln_post(x) @ self.proj,
+            "image_tokens": self.head(x),
         }
         if need_weights:
             out["image_attentions"] = [maps[i] for i in take]
@@ -344,6 +383,19 @@ def _is_exporting() -> bool:
     return is_exporting is not None and is_exporting()
 
 
+def is_patchify(conv: nn.Module) -> bool:
+    """Whether `conv` is a plain, unwatched patch embedding (kernel = stride, no padding, dilation or groups): the
+    convolution a tiling and one matmul compute."""
+    return (
+        type(conv) is nn.Conv2d
+        and pristine(conv)
+        and conv.stride == conv.kernel_size
+        and conv.padding in ((0, 0), "valid")
+        and conv.dilation == (1, 1)
+        and conv.groups == 1
+    )
+
+
 def image_size_error(h: int, w: int, res: int) -> InputError:
     """The error for images whose grid of patches (or ResNet feature map) is not the one the model's position embeddings have."""
     return InputError(
@@ -352,11 +404,12 @@ def image_size_error(h: int, w: int, res: int) -> InputError:
     )
 
 
-def check_images(image: Tensor) -> None:
-    """A clear error for what is not a batch of RGB images, before any layer fails on it with a shape message."""
-    if image.dim() != 4 or image.shape[1] != 3:
+def check_images(image: Tensor, channels: int = 3) -> None:
+    """A clear error for what is not a batch of RGB images (or of the channels a replaced conv1 takes), before any
+    layer fails on it with a shape message."""
+    if image.dim() != 4 or image.shape[1] != channels:
         raise InputError(
-            f"expected images as (batch_size, 3, height, width), got shape {tuple(image.shape)}; "
+            f"expected images as (batch_size, {channels}, height, width), got shape {tuple(image.shape)}; "
             "preprocess(pil_image).unsqueeze(0) makes a batch of one"
         )
 
@@ -496,9 +549,10 @@ class ModifiedResNet(nn.Module):
 
     def stem(self, x: Tensor) -> Tensor:
         h, w = x.shape[-2:]
-        grid = self.input_resolution // 32
-        if -(-h // 2) // 16 != grid or -(-w // 2) // 16 != grid:  # the map the attention pool gets: a stride-2 conv, then four halvings
-            raise image_size_error(h, w, self.input_resolution)
+        if type(self.attnpool) is AttentionPool2d:  # a pool put in its place (nn.Identity for feature maps) takes any size
+            grid = round((self.attnpool.positional_embedding.shape[0] - 1) ** 0.5)  # resized with it, as DenseCLIP does
+            if -(-h // 2) // 16 != grid or -(-w // 2) // 16 != grid:  # the map the pool gets: a stride-2 conv, then four halvings
+                raise image_size_error(h, w, grid * 32)
         # channels_last (NHWC): the layout oneDNN and cuDNN convolve fastest; every later activation inherits it.
         # Not while anything is hooked, patched or replaced (a hook gets OpenAI's contiguous NCHW tensors, on which
         # `.view(n, -1)` works), nor in training: batch statistics summed over NHWC on the CPU carry ~17x the rounding error, and gradients drift
@@ -581,7 +635,7 @@ class CLIP(nn.Module):
                 heads=vision_width // 64,
                 output_dim=embed_dim,
             )
-        self.transformer = Transformer(transformer_width, transformer_layers, transformer_heads, causal=True)
+        self.transformer = Transformer(transformer_width, transformer_layers, transformer_heads, attn_mask=self.build_attention_mask())
         self.token_embedding = nn.Embedding(vocab_size, transformer_width)
         self.positional_embedding = nn.Parameter(torch.empty(context_length, transformer_width))
         self.ln_final = LayerNorm(transformer_width)
@@ -612,9 +666,14 @@ class CLIP(nn.Module):
         self.logit_scale.fill_(math.log(1 / 0.07))
 
     def build_attention_mask(self) -> Tensor:
-        """OpenAI's causal mask of the text tower, (context_length, context_length), for code that asks the model for
-        it; the blocks themselves attend causally through SDPA's `is_causal` (or `causal_mask` of their input's length)."""
-        return causal_mask(self.context_length)
+        """OpenAI's causal mask of the text tower, (context_length, context_length), which its blocks hold as
+        `attn_mask` (and attend by through SDPA's `is_causal` while it is this one)."""
+        return causal_mask(self.context_length, device="cpu")  # OpenAI's is a plain attribute, moved to the input at each call
+
+    @property
+    def image_channels(self) -> int:
+        """The channels the image tower's first convolution takes: 3 (RGB), unless it was replaced (RGB-D...)."""
+        return getattr(self.visual.conv1, "in_channels", 3)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -622,7 +681,7 @@ class CLIP(nn.Module):
 
     def encode_image(self, image: Tensor) -> Tensor:
         """image : shape = (batch_size, 3, res, res) -> features (batch_size, embed_dim), not normalised"""
-        check_images(image)
+        check_images(image, self.image_channels)
         return self.visual(image.type(self.dtype))
 
     def embed_text(self, text: Tensor, full_context: bool = False) -> tuple[Tensor, Tensor]:
@@ -707,7 +766,7 @@ class CLIP(nn.Module):
         """
         out = {}
         if image is not None:
-            check_images(image)
+            check_images(image, self.image_channels)
             out.update(self.visual.forward_intermediates(image.type(self.dtype), image_indices, output_attentions))
         if text is not None:
             take = take_indices(self.transformer.layers, text_indices)
@@ -908,3 +967,17 @@ def build_model(state_dict: dict[str, Tensor]) -> CLIP:
 
 def _shorten(keys: list[str], most: int = 5) -> str:
     return ", ".join(keys[:most]) + (f" and {len(keys) - most} more" if len(keys) > most else "")
+
+
+# The methods the shortcuts compute around, per class the models are built of, as defined when this file was
+# imported: code written for OpenAI's model patches them on the instance or on the class
+# (`clip.model.ResidualAttentionBlock.forward = f`, `block.attention = f`), and `pristine` compares against these.
+OWN_METHODS: dict[type, tuple[tuple[str, object], ...]] = {
+    cls: tuple((name, getattr(cls, name)) for name in ("forward", "attention") if hasattr(cls, name))
+    for cls in (
+        *(LayerNorm, QuickGELU, MultiheadAttention, ResidualAttentionBlock, MLP, Transformer, VisionTransformer),
+        *(Bottleneck, AttentionPool2d, ModifiedResNet, CLIP),
+        *(nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear, nn.Conv2d, nn.BatchNorm2d, nn.ReLU),
+        *(nn.AvgPool2d, nn.Identity, nn.Sequential, nn.Embedding),
+    )
+}

@@ -283,6 +283,9 @@ def change_last_block(how: str, blocks: nn.Sequential) -> None:
         patch_forward(blocks[-1])
     elif how == "attention's forward patched":
         patch_forward(blocks[-1].attn)
+    elif how == "block's attention patched":  # attention-rollout scripts replace `attention` to collect the maps
+        attention = blocks[-1].attention
+        blocks[-1].attention = lambda x: attention(x).tanh()
     elif how == "wrapped":
         blocks[-1] = Tanh(blocks[-1])
     elif how == "replaced by Identity":
@@ -291,7 +294,7 @@ def change_last_block(how: str, blocks: nn.Sequential) -> None:
 
 @torch.no_grad()
 @pytest.mark.parametrize("tower", ["image", "text"])
-@pytest.mark.parametrize("how", ["forward patched", "attention's forward patched", "wrapped", "replaced by Identity"])
+@pytest.mark.parametrize("how", ["forward patched", "attention's forward patched", "block's attention patched", "wrapped", "replaced by Identity"])
 def test_a_changed_last_block_is_what_runs(how, tower):
     # the towers compute the last block's read-out token themselves while it is as built; a patched forward or a
     # module put in its place must run instead, as in OpenAI's model, not be computed around
@@ -441,3 +444,91 @@ def test_a_forward_patched_after_compiling_takes_effect():
     for model in (ref, ours):
         patch_forward(model.transformer.resblocks[-1])
     assert relative_error(compiled(tokens), ref.encode_text(tokens)) < 1e-5
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("cls", ["ResidualAttentionBlock", "MultiheadAttention"])
+def test_a_method_patched_on_the_class_takes_effect(monkeypatch, cls):
+    # `clip.model.ResidualAttentionBlock.forward = f` before `clip.load`, as code written for OpenAI's model does;
+    # nn.MultiheadAttention.forward patched for both models at once
+    import clip.model as openai_model
+
+    from openclip_lite import model as our_model
+
+    ref = reference_model("tiny-vit")
+    ours = build_model(ref.state_dict())
+    x, tokens = images(ref), openai_clip.tokenize(TEXTS)
+    plain = ours.encode_image(x)
+    for module in (openai_model, our_model) if cls == "ResidualAttentionBlock" else (nn,):
+        forward = getattr(module, cls).forward
+        monkeypatch.setattr(getattr(module, cls), "forward", lambda self, *args, forward=forward, **kwargs: tanh_of(forward(self, *args, **kwargs)))
+    assert relative_error(ours.encode_image(x), ref.encode_image(x)) < 1e-5
+    assert relative_error(ours.encode_text(tokens), ref.encode_text(tokens)) < 1e-5
+    assert relative_error(ours.encode_image(x), plain) > 1e-3
+
+
+def tanh_of(out):
+    return (out[0].tanh(), out[1]) if isinstance(out, tuple) else out.tanh()
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("change", ["proj set to None", "conv1 padded", "conv1 taking RGB-D", "ResNet pool removed"])
+def test_changed_image_towers_run_as_openais(change):
+    # linear probes read the features before the projection; RGB-D models widen conv1; detectors and saliency models
+    # drop the attention pool to feed larger images and read the feature map
+    arch = "tiny-rn" if change == "ResNet pool removed" else "tiny-vit"
+    ref = reference_model(arch)
+    ours = build_model(ref.state_dict())
+    res, channels = ref.visual.input_resolution, 3
+    for model in (ref, ours):
+        if change == "proj set to None":
+            model.visual.proj = None
+        elif change == "conv1 padded":
+            model.visual.conv1.padding = (4, 4)  # the same grid of patches, shifted by a quarter patch
+        elif change == "conv1 taking RGB-D":
+            old = model.visual.conv1
+            model.visual.conv1 = nn.Conv2d(4, old.out_channels, old.kernel_size, old.stride, bias=False)
+            model.visual.conv1.weight.copy_(torch.cat([old.weight, old.weight[:, :1]], dim=1))
+            channels = 4
+        else:
+            model.visual.attnpool = nn.Identity()
+            res = 2 * res  # any size, as the pool was what fixed it
+    x = torch.randn(2, channels, res, res, generator=torch.Generator().manual_seed(5))
+    expected, actual = ref.visual(x), ours.encode_image(x) if change != "ResNet pool removed" else ours.visual(x)
+    assert actual.shape == expected.shape and relative_error(actual, expected) < 1e-5
+
+
+@torch.no_grad()
+def test_attention_masks_are_openais_attributes():
+    # code written for OpenAI's blocks reads `attn_mask`, sets it (bidirectional text, a custom vision mask,
+    # LongCLIP's longer context), and builds blocks and transformers with OpenAI's arguments
+    from openclip_lite.model import Transformer
+
+    ref = reference_model("tiny-vit")
+    ours = build_model(ref.state_dict())
+    assert ours.visual.transformer.resblocks[0].attn_mask is None
+    assert torch.equal(ours.transformer.resblocks[0].attn_mask, ref.transformer.resblocks[0].attn_mask)
+    x, tokens = images(ref), openai_clip.tokenize(TEXTS)
+    plain_text, plain_image = ours.encode_text(tokens), ours.encode_image(x)
+    grid = ref.visual.positional_embedding.shape[0]
+    custom = torch.zeros(grid, grid).fill_diagonal_(-1.0)  # each token a little less attentive to itself
+    for model in (ref, ours):
+        for block in model.transformer.resblocks:
+            block.attn_mask = None  # bidirectional text
+        for block in model.visual.transformer.resblocks:
+            block.attn_mask = custom
+    assert relative_error(ours.encode_text(tokens), ref.encode_text(tokens)) < 1e-5
+    assert relative_error(ours.encode_image(x), ref.encode_image(x)) < 1e-5
+    assert relative_error(ours.encode_text(tokens), plain_text) > 1e-3 and relative_error(ours.encode_image(x), plain_image) > 1e-3
+    for model in (ref, ours):  # the masks they were built with: the shortcuts again
+        for block in model.transformer.resblocks:
+            block.attn_mask = model.build_attention_mask()
+        for block in model.visual.transformer.resblocks:
+            block.attn_mask = None
+    assert relative_error(ours.encode_text(tokens), plain_text) < 1e-6
+    width = ref.transformer.width
+    ref_stack = openai_clip.model.Transformer(width, 2, 1, attn_mask=ref.build_attention_mask())
+    our_stack = Transformer(width, 2, 1, attn_mask=ours.build_attention_mask())
+    our_stack.load_state_dict(ref_stack.state_dict())
+    h = torch.randn(77, 3, width, generator=torch.Generator().manual_seed(6))
+    assert relative_error(our_stack(h), ref_stack(h)) < 1e-5
