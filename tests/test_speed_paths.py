@@ -186,3 +186,22 @@ def test_load_refuses_dtypes_it_cannot_compute_in():
             openclip_lite.load(demo, device="cpu", dtype=dtype)
     model, _ = openclip_lite.load(demo, device="cpu", dtype=torch.bfloat16)
     assert model.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("arch", ["tiny-vit", "tiny-rn"])
+def test_a_model_as_built_takes_its_shortcuts(arch):
+    # every class the towers are built of must be one `pristine` knows: one missing would switch every shortcut off
+    # without a word (the numbers stay right, only slower); in training and in reduced precision too
+    from openclip_lite.model import pristine
+
+    model = build_model(reference_model(arch).state_dict())
+    for step in ("as loaded", "training", "bf16"):
+        if step == "training":
+            model.train()
+        elif step == "bf16":
+            convert_weights(model, torch.bfloat16)
+        assert pristine(model.visual), step
+        assert pristine(model.token_embedding, model.transformer, model.ln_final), step
+        assert all(pristine(block) for block in model.transformer.resblocks), step
+    model.transformer.resblocks[0].register_forward_hook(lambda module, args, out: None)
+    assert not pristine(model.token_embedding, model.transformer, model.ln_final)
