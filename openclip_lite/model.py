@@ -188,13 +188,14 @@ class ResidualAttentionBlock(nn.Module):
     def attention(self, x: Tensor) -> Tensor:
         """x : shape = (n_ctx, batch_size, width) -> the same shape, OpenAI's `attention`: `attn` as built runs SDPA,
         one that is watched or replaced is called as OpenAI's block calls it."""
-        if self.attn_as_built() and not self.attn_mask_changed:
+        if self.sdpa_applies():
             return self.attn.self_attention(x.transpose(0, 1), self.causal)[0].transpose(0, 1)
         return self.attn(x, x, x, need_weights=False, attn_mask=self.mask_for(x))[0]
 
-    def attn_as_built(self) -> bool:
-        """Whether `attn` is this file's attention, unwatched and unpatched: then SDPA may run in its place."""
-        return type(self.attn) is MultiheadAttention and pristine(self.attn)
+    def sdpa_applies(self) -> bool:
+        """Whether SDPA may run in `attn`'s place: it is this file's attention, unwatched and unpatched, and the
+        block's mask is the one it was built with (none, or the causal one)."""
+        return type(self.attn) is MultiheadAttention and pristine(self.attn) and not self.attn_mask_changed
 
     def attend(self, x: Tensor, batch_first: bool = False, need_weights: bool = False) -> tuple[Tensor, Optional[Tensor]]:
         """`forward`, and with `need_weights` the attention maps (batch_size, heads, n_ctx, n_ctx), fp32
@@ -212,7 +213,7 @@ class ResidualAttentionBlock(nn.Module):
             return x, weights
         x = x.transpose(0, 1) if batch_first else x
         h = self.ln_1(x)
-        if need_weights and (not self.attn_as_built() or self.attn_mask_changed):  # the maps from `attn` itself, per head
+        if need_weights and not self.sdpa_applies():  # the maps from `attn` itself, per head
             attn, weights = self.attn(h, h, h, need_weights=True, attn_mask=self.mask_for(h), average_attn_weights=False)
             weights = weights.float()
         elif need_weights:
