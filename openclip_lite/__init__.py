@@ -161,3 +161,8 @@ def _resolve_device(device: Union[str, torch.device, None]) -> torch.device:
             reason = str(e).strip().split("\n")[0][:200]  # torch lists every backend it knows after the first line
             raise DeviceError(f"device {str(device)!r} is not usable here ({reason}); use device='cpu'") from e
     return device
+
+
+# OpenAI's submodules by their names (`clip.clip._MODELS`, `clip.simple_tokenizer.SimpleTokenizer`); imported last
+# because `clip` takes `load` from this module
+from . import clip, simple_tokenizer  # noqa: F401

@@ -1,0 +1,43 @@
+"""OpenAI's `clip.clip` module by its names, for code that imports them: `from openclip_lite import clip`.
+
+Prompt learners (CoOp and its family) read OpenAI's download table and build the model themselves:
+
+    url = clip._MODELS["ViT-B/16"]
+    model = clip.build_model(torch.jit.load(clip._download(url), map_location="cpu").state_dict())
+
+`_download` fetches OpenAI's archive the way `load(name, source="openai")` does: verified against the SHA256 in its
+URL, cached, and offline-aware.
+"""
+
+import os
+
+from . import available_models, build_model, load, tokenize  # noqa: F401 (build_model: OpenAI's has it, outside __all__)
+from .download import OPENAI_ROOT, download, openai_url
+from .errors import UnknownModelError
+from .pretrained import MODELS
+from .tokenizer import SimpleTokenizer as _Tokenizer  # noqa: F401 (OpenAI's private name)
+from .tokenizer import default_tokenizer
+from .transform import preprocess as _transform  # noqa: F401 (OpenAI's private name, which some projects import)
+
+__all__ = ["available_models", "load", "tokenize"]
+
+_MODELS: dict[str, str] = {name: model.url for name, model in MODELS.items()}
+
+
+def _download(url: str, root: "str | os.PathLike" = OPENAI_ROOT) -> str:
+    """OpenAI's `_download`: the path of the released model at `url` in `root`, downloaded and SHA256-checked."""
+    for name, model in MODELS.items():
+        if url in (model.url, openai_url(model)):
+            return download(name, root, source="openai")
+    raise UnknownModelError(
+        f"{url!r} is not the URL of a released CLIP model; clip._MODELS holds the nine "
+        f"({', '.join(MODELS)}). For a checkpoint of your own, pass its path to load()."
+    )
+
+
+
+def __getattr__(name: str):
+    # OpenAI builds `_tokenizer` when the module is imported; here on first use, so `import openclip_lite` stays cheap
+    if name == "_tokenizer":
+        return default_tokenizer()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
