@@ -67,7 +67,6 @@ def write_jpegs(folder: str, count: int, size: tuple[int, int]) -> list[str]:
 
 def random_model(arch: str, device: torch.device) -> CLIP:
     model = CLIP(*ARCHITECTURES[arch])
-    model.initialize_parameters()
     if device.type == "cuda":
         convert_weights(model, torch.float16)  # as `load` does on CUDA
     return model.eval().to(device)

@@ -109,7 +109,6 @@ def main() -> None:
 
         device = torch.device(args.device)
         model = CLIP(**DEMO) if args.arch == "demo" else CLIP(*ARCHITECTURES[args.arch])
-        model.initialize_parameters()
         checkpoint = os.path.join(temporary, "model.pt")
         torch.save(model.state_dict(), checkpoint)
         model, preprocess = clip.load(checkpoint, device=device)

@@ -11,16 +11,20 @@ URL, cached, and offline-aware.
 
 import os
 
+from torchvision.transforms import InterpolationMode
+
 from . import available_models, build_model, load, tokenize  # noqa: F401 (build_model: OpenAI's has it, outside __all__)
 from .download import OPENAI_ROOT, download, openai_url
 from .errors import UnknownModelError
 from .pretrained import MODELS
 from .tokenizer import SimpleTokenizer as _Tokenizer  # noqa: F401 (OpenAI's private name)
 from .tokenizer import default_tokenizer
-from .transform import preprocess as _transform  # noqa: F401 (OpenAI's private name, which some projects import)
+from .transform import _convert_image_to_rgb  # noqa: F401 (OpenAI's private names, which some projects import)
+from .transform import preprocess as _transform  # noqa: F401
 
 __all__ = ["available_models", "load", "tokenize"]
 
+BICUBIC = InterpolationMode.BICUBIC
 _MODELS: dict[str, str] = {name: model.url for name, model in MODELS.items()}
 
 

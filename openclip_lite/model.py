@@ -18,7 +18,6 @@ another class (a wrapper, LoRA, quantisation) runs OpenAI's order of operations 
 module called (see `pristine`). Same numbers either way.
 """
 
-import math
 from collections import OrderedDict
 from typing import Optional
 
@@ -334,7 +333,7 @@ class VisionTransformer(nn.Module):
                 raise image_size_error(h, w, self.input_resolution)
             tiles = x.type(conv.weight.dtype)[:, :, : gh * ph, : gw * pw].reshape(n, channels, gh, ph, gw, pw)
             tiles = tiles.permute(0, 2, 4, 1, 3, 5).reshape(n, gh * gw, channels * ph * pw)
-            x = tiles @ conv.weight.view(conv.out_channels, -1).t()  # (n, grid ** 2, width)
+            x = tiles @ conv.weight.reshape(conv.out_channels, -1).t()  # (n, grid ** 2, width); a channels_last weight is copied
         else:  # a hooked, replaced or reconfigured conv1 is called, as in OpenAI's model
             x = conv(x).flatten(2).transpose(1, 2)  # (n, grid ** 2, width)
             if x.shape[1] + 1 != tokens:
@@ -436,6 +435,7 @@ class Bottleneck(nn.Module):
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1):
         super().__init__()
+        self.stride = stride
         # all convs have stride 1; an avgpool after the second conv downsamples (anti-aliased, as OpenAI's)
         self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
@@ -494,16 +494,15 @@ class AttentionPool2d(nn.Module):
 
         OpenAI's version lets all hw + 1 tokens attend and then keeps only the first; only its query matters.
         """
-        x = self.tokens(x)
-        n, t, c = x.shape
-        q = self.q_proj(x[:, :1]).view(n, 1, self.num_heads, c // self.num_heads).transpose(1, 2)
-        k = self.k_proj(x).view(n, t, self.num_heads, c // self.num_heads).transpose(1, 2)
-        v = self.v_proj(x).view(n, t, self.num_heads, c // self.num_heads).transpose(1, 2)
+        x = self.tokens(x)  # (n, t, c); its sizes are not unpacked, so that torch.fx can trace this
+        q = self.q_proj(x[:, :1]).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)  # (n, heads, 1, c / heads)
+        k = self.k_proj(x).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)  # (n, heads, t, c / heads)
+        v = self.v_proj(x).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
         if need_weights:
             out, weights = attention_with_weights(q, k, v, causal=False)
         else:
             out, weights = F.scaled_dot_product_attention(q, k, v), None
-        return self.c_proj(out.transpose(1, 2).reshape(n, c)), weights
+        return self.c_proj(out.transpose(1, 2).flatten(1)), weights  # (n, 1, heads, c / heads) -> (n, c)
 
     def values(self, x: Tensor) -> Tensor:
         """x : shape = (batch_size, c, h, w) -> every token's value through `c_proj`, (batch_size, h * w + 1, output_dim)
@@ -549,15 +548,19 @@ class ModifiedResNet(nn.Module):
         return nn.Sequential(*layers)
 
     def stem(self, x: Tensor) -> Tensor:
-        h, w = x.shape[-2:]
-        if type(self.attnpool) is AttentionPool2d:  # a pool put in its place (nn.Identity for feature maps) takes any size
+        # a pool put in its place (nn.Identity for feature maps) takes any size; torch.fx traces with no sizes to check
+        if type(self.attnpool) is AttentionPool2d and not isinstance(x, torch.fx.Proxy):
+            h, w = x.shape[-2:]
             grid = round((self.attnpool.positional_embedding.shape[0] - 1) ** 0.5)  # resized with it, as DenseCLIP does
             if -(-h // 2) // 16 != grid or -(-w // 2) // 16 != grid:  # the map the pool gets: a stride-2 conv, then four halvings
                 raise image_size_error(h, w, grid * 32)
         # channels_last (NHWC): the layout oneDNN and cuDNN convolve fastest; every later activation inherits it.
-        # Not while anything is hooked, patched or replaced (a hook gets OpenAI's contiguous NCHW tensors, on which
-        # `.view(n, -1)` works), nor in training: batch statistics summed over NHWC on the CPU carry ~17x the rounding error, and gradients drift
-        layout = torch.channels_last if pristine(self) and not self.training else torch.contiguous_format
+        # Only for inference (no autograd, eval mode) on a tower as built: a hook gets OpenAI's contiguous NCHW
+        # tensors, on which `.view(n, -1)` works; batch statistics summed over NHWC on the CPU carry ~17x the
+        # rounding error; and gradients through NHWC convolutions (CLIP-guided generation, fine-tuning in eval mode)
+        # drift from OpenAI's by ~1e-3 on the input, ~4e-5 on the weights
+        inference = not self.training and not torch.is_grad_enabled()
+        layout = torch.channels_last if inference and pristine(self) else torch.contiguous_format
         x = x.to(dtype=self.conv1.weight.dtype, memory_format=layout)
         x = self.relu1(self.bn1(self.conv1(x)))
         x = self.relu2(self.bn2(self.conv2(x)))
@@ -642,29 +645,32 @@ class CLIP(nn.Module):
         self.ln_final = LayerNorm(transformer_width)
         self.text_projection = nn.Parameter(torch.empty(transformer_width, embed_dim))
         self.logit_scale = nn.Parameter(torch.ones([]) * torch.log(torch.tensor(1 / 0.07)))
+        self.initialize_parameters()
 
     @torch.no_grad()
     def initialize_parameters(self) -> None:
-        """OpenAI's initialisation, for training from scratch (loading a checkpoint overwrites every value)."""
+        """OpenAI's initialisation, value for value under the same seed (its constructor calls it too, so
+        `torch.manual_seed(s); CLIP(...)` is OpenAI's model from scratch). The image tower's transformer keeps its
+        layers' default initialisation, as there."""
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
         if isinstance(self.visual, ModifiedResNet):
             pool = self.visual.attnpool
-            for proj in (pool.q_proj, pool.k_proj, pool.v_proj, pool.c_proj):
-                nn.init.normal_(proj.weight, std=pool.c_proj.in_features**-0.5)
+            if isinstance(pool, AttentionPool2d):
+                for proj in (pool.q_proj, pool.k_proj, pool.v_proj, pool.c_proj):
+                    nn.init.normal_(proj.weight, std=pool.c_proj.in_features**-0.5)
             for stage in (self.visual.layer1, self.visual.layer2, self.visual.layer3, self.visual.layer4):
-                for block in stage:
-                    nn.init.zeros_(block.bn3.weight)  # each residual block starts as its shortcut (not the stem's bn3)
-        for transformer in [self.transformer] + ([self.visual.transformer] if isinstance(self.visual, VisionTransformer) else []):
-            proj_std = transformer.width**-0.5 * (2 * transformer.layers) ** -0.5
-            for block in transformer.resblocks:
-                nn.init.normal_(block.attn.in_proj_weight, std=transformer.width**-0.5)
-                nn.init.zeros_(block.attn.in_proj_bias)
-                nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
-                nn.init.normal_(block.mlp.c_fc.weight, std=(2 * transformer.width) ** -0.5)
-                nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
-        nn.init.normal_(self.text_projection, std=self.transformer.width**-0.5)
-        self.logit_scale.fill_(math.log(1 / 0.07))
+                for name, param in stage.named_parameters():
+                    if name.endswith("bn3.weight"):
+                        nn.init.zeros_(param)  # each residual block starts as its shortcut (not the stem's bn3)
+        proj_std = self.transformer.width**-0.5 * (2 * self.transformer.layers) ** -0.5
+        for block in self.transformer.resblocks:
+            nn.init.normal_(block.attn.in_proj_weight, std=self.transformer.width**-0.5)
+            nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
+            nn.init.normal_(block.mlp.c_fc.weight, std=(2 * self.transformer.width) ** -0.5)
+            nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+        if self.text_projection is not None:
+            nn.init.normal_(self.text_projection, std=self.transformer.width**-0.5)
 
     def build_attention_mask(self) -> Tensor:
         """OpenAI's causal mask of the text tower, (context_length, context_length), which its blocks hold as
@@ -961,7 +967,9 @@ def build_model(state_dict: dict[str, Tensor]) -> CLIP:
             raise CheckpointError(f"checkpoint entry {key!r} has shape {tuple(value.shape)}, expected {tuple(expected[key].shape)}")
         if value.is_floating_point() != expected[key].is_floating_point():
             raise CheckpointError(f"checkpoint entry {key!r} has dtype {value.dtype}, expected {expected[key].dtype}")
-    state_dict = {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
+    # copies, as OpenAI's load_state_dict into a built model makes: two models built from one state dict (a
+    # fine-tuned one beside the zero-shot one, a teacher and its student) must not share their weights
+    state_dict = {k: v.to(torch.float32 if v.is_floating_point() else v.dtype, copy=True) for k, v in state_dict.items()}
     model.load_state_dict(state_dict, strict=True, assign=True)
     return model.eval()
 

@@ -28,8 +28,9 @@ OPENAI_HOST = "https://openaipublic.azureedge.net/clip/models"
 def test_the_names_of_openais_module():
     assert clip.__all__ == openai_clip.clip.__all__
     assert clip._MODELS == openai_clip.clip._MODELS  # the nine URLs, the SHA256 in each
-    for name in ("available_models", "load", "tokenize", "build_model", "_download", "_transform", "_tokenizer"):
+    for name in ("available_models", "load", "tokenize", "build_model", "_download", "_transform", "_tokenizer", "_convert_image_to_rgb"):
         assert hasattr(clip, name), name
+    assert clip.BICUBIC == openai_clip.clip.BICUBIC
     assert clip.available_models() == openai_clip.clip.available_models()
 
 

@@ -532,3 +532,46 @@ def test_attention_masks_are_openais_attributes():
     our_stack.load_state_dict(ref_stack.state_dict())
     h = torch.randn(77, 3, width, generator=torch.Generator().manual_seed(6))
     assert relative_error(our_stack(h), ref_stack(h)) < 1e-5
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("arch", ["tiny-vit", "tiny-rn"])
+def test_a_model_in_channels_last_runs_as_openais(arch):
+    # `model.to(memory_format=torch.channels_last)` is a common speed-up, and a checkpoint saved from such a model
+    # keeps that layout
+    ref = reference_model(arch)
+    ours = build_model(ref.state_dict()).to(memory_format=torch.channels_last)
+    x = images(ref)
+    assert relative_error(ours.encode_image(x), ref.encode_image(x)) < 1e-5
+    again = build_model(ours.state_dict())
+    assert relative_error(again.encode_image(x), ref.encode_image(x)) < 1e-5
+
+
+def test_input_gradients_of_a_resnet_are_openais():
+    # CLIP-guided generation: a frozen perceptor in eval mode, gradients to the image through encode_image
+    ref = reference_model("RN50").requires_grad_(False)
+    ours = build_model(ref.state_dict()).requires_grad_(False)
+    text = openai_clip.tokenize(TEXTS)
+    start = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(2))  # seed 0 happened to round alike
+    grads = []
+    for model in (ref, ours):
+        image = start.clone().requires_grad_(True)
+        logits, _ = model(image, text)
+        (1 - logits[:, 0] / 100).sum().backward()
+        grads.append(image.grad)
+    assert relative_error(grads[1], grads[0]) < 1e-5
+
+
+@torch.no_grad()
+def test_torchvision_feature_extractor_on_a_resnet():
+    # torchvision's create_feature_extractor traces the image tower with torch.fx, as feature-map code does
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    ref = reference_model("tiny-rn")
+    ours = build_model(ref.state_dict())
+    nodes = {"layer3": "layer3", "layer4": "layer4", "attnpool": "pooled"}
+    x = images(ref)
+    expected = create_feature_extractor(ref.visual, return_nodes=nodes)(x)
+    actual = create_feature_extractor(ours.visual, return_nodes=nodes)(x)
+    for key in nodes.values():
+        assert relative_error(actual[key], expected[key]) < 1e-5, key

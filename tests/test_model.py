@@ -3,7 +3,7 @@
 import pytest
 import torch
 from PIL import Image
-from reference import openai_clip, reference_model, relative_error
+from reference import TINY, openai_clip, reference_model, relative_error
 
 import openclip_lite as clip
 from openclip_lite.checkpoint import save_safetensors
@@ -147,3 +147,51 @@ def test_cuda_fp16_matches_reference(arch, tmp_path):
         assert relative_error(model.encode_text(text), expected_model.encode_text(text)) < 1e-2
     for name, param in model.state_dict().items():
         assert param.dtype == expected_model.state_dict()[name].dtype, name
+
+
+@pytest.mark.parametrize("arch", ["tiny-vit", "tiny-rn", "RN50", "ViT-B/32"])
+def test_a_model_built_from_scratch_is_openais(arch):
+    # training from scratch: `torch.manual_seed(s); CLIP(...)` draws OpenAI's values, and so does a later
+    # `initialize_parameters()` (which touches only the text tower, the attention pool and the ResNet's bn3s)
+    config = ARCHITECTURES.get(arch) or TINY[arch]
+    models = []
+    for cls in (openai_clip.model.CLIP, clip.CLIP):
+        torch.manual_seed(3)
+        model = cls(*config)
+        first = {k: v.clone() for k, v in model.state_dict().items()}
+        model.initialize_parameters()
+        models.append((first, model.state_dict()))
+    (ref_first, ref_again), (first, again) = models
+    assert set(first) == set(ref_first)
+    assert [k for k in ref_first if not torch.equal(first[k], ref_first[k])] == []
+    assert [k for k in ref_again if not torch.equal(again[k], ref_again[k])] == []
+
+
+def test_models_built_from_one_state_dict_do_not_share_weights():
+    # WiSE-FT keeps the zero-shot model beside the fine-tuned one; distillation builds a teacher from a student
+    state_dict = reference_model("tiny-vit").state_dict()
+    kept = {k: v.clone() for k, v in state_dict.items()}
+    zero_shot, fine_tuned = build_model(state_dict), build_model(state_dict)
+    with torch.no_grad():
+        for p in fine_tuned.parameters():
+            p.mul_(2)
+    assert all(torch.equal(v, kept[k]) for k, v in state_dict.items())
+    assert all(torch.equal(v, kept[k]) for k, v in zero_shot.state_dict().items())
+    teacher = build_model(zero_shot.state_dict())
+    with torch.no_grad():
+        zero_shot.text_projection.zero_()
+    assert torch.equal(teacher.text_projection, kept["text_projection"])
+
+
+@pytest.mark.parametrize("arch", ["tiny-vit", "tiny-rn"])
+def test_modules_have_openais_attributes(arch):
+    # code reads module attributes (`block.stride`, `attnpool.num_heads`, `visual.output_dim`): every plain attribute
+    # of each OpenAI module is on ours, with the same value
+    ref = reference_model(arch)
+    ours = dict(build_model(ref.state_dict()).named_modules())
+    for name, module in ref.named_modules():
+        for attr, value in vars(module).items():
+            if attr.startswith("_") or attr == "training" or isinstance(value, torch.Tensor):
+                continue
+            assert hasattr(ours[name], attr), f"{name or 'model'}.{attr}"
+            assert getattr(ours[name], attr) == value, f"{name or 'model'}.{attr}"

@@ -56,7 +56,6 @@ def train(config: dict, steps: int, seed: int, lr: float = 1e-3, log_every: int 
     torch.manual_seed(seed)
     rng = random.Random(seed)
     model = CLIP(**config)
-    model.initialize_parameters()
     transform = preprocess(config["image_resolution"])
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.05)
