@@ -29,7 +29,7 @@ from typing import Annotated, Any, Optional, Union
 
 from PIL import Image, ImageOps
 
-from .errors import ImageError, require
+from .errors import ImageError, TextTooLongError, require
 
 require("fastapi", "serve")
 try:  # python-multipart parses the uploads; its import name was "multipart" before 0.0.13
@@ -51,7 +51,7 @@ DEFAULT_K = 50
 MAX_K = 1000  # more results than anyone pages through, and a bound on the work one request can ask for
 PER_PAGE = 20
 MAX_PER_PAGE = 100
-MAX_QUERY_CHARS = 1000  # the text tower reads 77 tokens; longer texts are cut there
+MAX_QUERY_CHARS = 1000  # a cheap bound before tokenizing; the model's context (77 tokens) is the real limit, a 422 past it
 MAX_UPLOAD_BYTES = 20 * 2**20
 MULTIPART_OVERHEAD = 64 * 2**10  # boundaries, part headers and the small form fields beside the file
 THUMB_SIZE = 256  # pixels on the longer side
@@ -207,8 +207,11 @@ def create_app(
         text = q.strip()
         if not text:
             raise HTTPException(422, 'The query is empty: type what to look for, e.g. "a photo of a dog".')
-        with lock:
-            features = encode_texts(model, [text], truncate=True)
+        try:
+            with lock:
+                features = encode_texts(model, [text])  # never truncate: a cut text is another query, answered silently
+        except TextTooLongError as e:
+            raise HTTPException(422, _too_long(text, model.context_length)) from e
         return answer(request, {"text": text}, features, k, page, per_page)
 
     @app.post("/api/search", response_model=SearchAnswer, responses=ERRORS, summary="Images that look like an uploaded image")
@@ -234,7 +237,8 @@ def create_app(
         return answer(request, {"image": filename}, features, k, page, per_page)
 
     @functools.lru_cache(maxsize=1024)  # ~10 kB each: the pages a session flips through stay in memory
-    def thumbnail(path: str) -> bytes:
+    def thumbnail(path: str, identity: tuple[int, int, int]) -> bytes:
+        # identity is only part of the key: a file replaced or edited since gets a new entry, never the old picture
         return _thumbnail(path, THUMB_SIZE)
 
     @app.get(
@@ -248,8 +252,8 @@ def create_app(
         if path is None:
             raise HTTPException(404, _unknown_id(id, len(index), last_id))
         try:
-            data = thumbnail(path)
-        except (FileNotFoundError, ImageError) as e:
+            data = thumbnail(path, _file_identity(path))  # stat'ed at each request: a deleted photo is a 404 at once
+        except (OSError, ImageError) as e:
             raise HTTPException(404, f"image {id} ({os.path.basename(path)}) cannot be read from disk any more: {type(e).__name__}") from e
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
 
@@ -305,6 +309,14 @@ def _path_lookup(index: Any) -> tuple[Callable[[list[int]], list[Optional[str]]]
     return (lambda ids: [paths[i] if 0 <= i < len(paths) else None for i in ids]), len(paths) - 1
 
 
+def _too_long(text: str, context_length: int) -> str:
+    """The 422 detail for a description past the model's context: its length in the units of the limit."""
+    from .tokenizer import default_tokenizer
+
+    tokens = len(default_tokenizer().encode(text)) + 2  # with the start and end markers, as the context counts them
+    return f"the description is too long for the model: {tokens} tokens where it reads at most {context_length}; shorten it"
+
+
 def _unknown_id(id: int, count: int, last_id: Optional[int]) -> str:
     if not count:
         return "this index holds no images"
@@ -338,6 +350,13 @@ def _decode_image(data: bytes, filename: str, max_pixels: Optional[int]) -> Imag
         raise
     except Exception as e:  # PIL's decoders raise OSError, SyntaxError, ValueError, struct.error... on bad bytes
         raise HTTPException(422, f"{filename} is not an image this server can read ({type(e).__name__}); upload a JPEG, PNG, WebP, GIF, BMP or TIFF file") from e
+
+
+def _file_identity(path: str) -> tuple[int, int, int]:
+    """(mtime in ns, size, inode): changes when the file is edited in place or replaced by another (a rename, a
+    sync tool that restores the old mtime); raises OSError (FileNotFoundError...) when the file is gone."""
+    info = os.stat(path)
+    return info.st_mtime_ns, info.st_size, info.st_ino
 
 
 def _thumbnail(path: str, size: int) -> bytes:

@@ -305,6 +305,35 @@ def test_large_photos_are_thumbnailed(tiny, tmp_path):
     assert answer.status == 200 and Image.open(io.BytesIO(answer.body)).size == (256, 171)
 
 
+def mean_colour(answer: Answer) -> tuple[float, ...]:
+    return tuple(ImageStat.Stat(Image.open(io.BytesIO(answer.body)).convert("RGB")).mean)
+
+
+def test_a_replaced_or_deleted_image_is_never_served_from_the_cache(tiny, tmp_path):
+    _, model, preprocess = tiny
+    path = str(tmp_path / "photo.png")
+    Image.new("RGB", (64, 64), (220, 20, 20)).save(path)
+    index = Embeddings(torch.nn.functional.normalize(torch.randn(1, 32), dim=-1), [path], "tiny")
+    with running(create_app(index, model, preprocess)) as port:
+        assert mean_colour(http(port, "GET", "/api/thumb/0")) == pytest.approx((220, 20, 20), abs=8)
+
+        # edited in place: same inode, same size (a plain colour PNG), only the mtime tells
+        Image.new("RGB", (64, 64), (20, 20, 220)).save(path)
+        later = os.stat(path).st_mtime + 10
+        os.utime(path, (later, later))
+        assert mean_colour(http(port, "GET", "/api/thumb/0")) == pytest.approx((20, 20, 220), abs=8)
+
+        # replaced by another file with the same mtime, as a sync tool restoring dates leaves it: the inode tells
+        other = str(tmp_path / "other.png")
+        Image.new("RGB", (64, 64), (20, 220, 20)).save(other)
+        os.utime(other, (later, later))
+        os.replace(other, path)
+        assert mean_colour(http(port, "GET", "/api/thumb/0")) == pytest.approx((20, 220, 20), abs=8)
+
+        os.remove(path)  # deleted: no thumbnail of it is served any more
+        assert_json_error(http(port, "GET", "/api/thumb/0"), 404, "image 0 (photo.png) cannot be read from disk any more")
+
+
 def test_a_server_capped_below_the_default_k_answers_its_cap(tiny, indexed):
     _, model, preprocess = tiny
     with running(create_app(open_search_index(indexed[0]), model, preprocess, max_k=10)) as port:
@@ -411,6 +440,17 @@ BAD_GETS = [
 @pytest.mark.parametrize("path, status, words", BAD_GETS, ids=[p for p, _, _ in BAD_GETS])
 def test_bad_get_is_a_4xx_json_error(server, path, status, words):
     assert_json_error(http(server[0], "GET", path), status, *words)
+
+
+def test_a_description_longer_than_the_model_reads_is_refused_not_cut(server):
+    port, _ = server
+    fits = "a photo of " * 25  # 75 tokens, 77 with the start and end markers: all the model reads
+    assert http(port, "GET", "/api/search?q=" + fits.strip().replace(" ", "+")).status == 200
+    for text, tokens in ((fits + "a", 78), ("a photo of " * 30 + "a blue square", 95)):
+        with pytest.raises(clip.TextTooLongError):  # the library's rule, which the server follows
+            clip.tokenize(text)
+        answer = http(port, "GET", "/api/search?q=" + text.replace(" ", "+"))
+        assert_json_error(answer, 422, f"the description is too long for the model: {tokens} tokens where it reads at most 77; shorten it")
 
 
 def test_a_path_in_the_query_is_only_text(server, indexed):
