@@ -192,11 +192,14 @@ def cmd_search(args: argparse.Namespace) -> None:
     model, preprocess = clip.load(model_name, device=args.device, download_root=args.root)
     queries = []
     if args.queries:
-        queries.append(clip.encode_texts(model, args.queries, truncate=True))
+        try:
+            queries.append(clip.encode_texts(model, args.queries, truncate=args.truncate))
+        except clip.TextTooLongError as e:  # a cut query would find images for its first words only
+            raise clip.TextTooLongError(f"{e} (here: --truncate)") from None
     if args.image:
         queries.append(clip.encode_images(model, preprocess, args.image, num_workers=0).features)
     scores, ids = index.search(torch.cat(queries), args.top_k)
-    labels = [json.dumps(q) for q in args.queries] + [f"image {path}" for path in args.image]
+    labels = [json.dumps(q, ensure_ascii=False) for q in args.queries] + [f"image {path}" for path in args.image]
     results = []
     for row_scores, row_ids in zip(scores.tolist(), _as_list(ids)):
         kept = [(i, score) for i, score in zip(row_ids, row_scores) if i >= 0]  # -1 pads an index with fewer than k rows
@@ -224,7 +227,8 @@ def cmd_index_build(args: argparse.Namespace) -> None:
     from .index import build_index
 
     options = {"memory_budget": args.memory_budget} if args.memory_budget else {}
-    index = build_index(args.shards, kind=args.kind, metric=args.metric, model=args.model, target_recall=args.target_recall, **options)
+    model = os.path.abspath(args.model) if args.model and os.path.isfile(args.model) else args.model  # as embed: from any folder
+    index = build_index(args.shards, kind=args.kind, metric=args.metric, model=model, target_recall=args.target_recall, **options)
     index.save(args.out)
     print(f"{len(index)} vectors of {index.model or 'an unnamed model'} from {args.shards}: {_describe(index)}; written to {args.out}")
 
@@ -406,6 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token", help="a Milvus server's token, with --milvus")
     p.add_argument("--image", action="append", default=[], metavar="FILE", help="an image to find similar images to (repeatable)")
     p.add_argument("-k", "--top-k", type=_positive_int, default=10, help="results per query")
+    p.add_argument("--truncate", action="store_true", help="cut text queries too long for the model's context instead of failing")
     p.add_argument("--model", help="the model to encode queries with (default: the one that made the index)")
     p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the best available)")
     p.add_argument("--root", help="download cache directory")
@@ -466,6 +471,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    if args.command == "search" and "--" in extra:  # `search INDEX -k 1 -- "-red"`: the words after "--" are queries
+        cut = extra.index("--")
+        args.queries += extra[cut + 1 :]
+        extra = extra[:cut]
     # argparse fills positionals once, so `search INDEX -k 5 "a query"` leaves the query over: it is a query
     if extra and args.command == "search" and not any(word.startswith("-") for word in extra):
         args.queries += extra

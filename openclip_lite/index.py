@@ -254,6 +254,7 @@ class Index:
         self._paths = paths
         self._order: np.ndarray | None = None  # argsort of the ids, for get_paths; made when first needed
         self._read_only = read_only  # mmap'd files: FAISS aborts the process (not an exception) on writes to them
+        self._file_bytes: int | None = None  # an mmap'd index's file size: write_index writes only a reference to mmap'd lists
         self._gpu_resources: Any = None  # kept alive as long as a GPU index uses it
         if kind in SEARCH_KNOB and SEARCH_KNOB[kind] in self.params:
             self._set_knob(self.params[SEARCH_KNOB[kind]])
@@ -524,6 +525,8 @@ class Index:
     @property
     def nbytes(self) -> int:
         """The index's size in bytes: what faiss.write_index writes (codes, lists' ids, graph, centroids) + ids."""
+        if self._file_bytes is not None:
+            return self._file_bytes + self._ids.nbytes
         faiss = _faiss()
         size = 0
 
@@ -985,6 +988,8 @@ def load_index(path: str | os.PathLike, mmap: bool = False, device: str | torch.
         read_only=mmap,
         tuned_recall=meta.get("tuned_recall"),
     )
+    if mmap:
+        index._file_bytes = os.path.getsize(os.path.join(path, FILES["index"]))
     return index._to_gpu(gpu)
 
 

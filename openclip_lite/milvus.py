@@ -371,12 +371,12 @@ class MilvusIndex:
         queries : torch.Tensor or np.ndarray, shape = (q, dim) or (dim,)
         nprobe : IVF_FLAT / IVF_SQ8: how many of the `nlist` cells to scan (Milvus's default 10)
         ef : HNSW: the candidate list size (FAISS's efSearch); at least k
-        returns (scores, ids): float32 and int64 tensors, shape = (q, k); rows short of k results end in
-            score -inf and id -1
+        returns (scores, ids): float32 and int64 tensors, shape = (q, min(k, len(self))); rows short of that
+            many results end in score -inf and id -1
         """
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise MilvusIndexError(f"k must be a positive integer, got {k!r}.")
-        k = int(k)
+        k = min(int(k), len(self))  # the answer is allocated up front: k past the collection's size is only memory
         knobs = {name: value for name, value in (("nprobe", nprobe), ("ef", ef)) if value is not None}
         if self.kind in INDEX_TYPES:
             knobs = _check_positive_ints(knobs, INDEX_TYPES[self.kind][1], self.kind, "search parameter")
@@ -385,6 +385,8 @@ class MilvusIndex:
         queries = queries.numpy()
         scores = torch.full((len(queries), k), float("-inf"), dtype=torch.float32)
         ids = torch.full((len(queries), k), -1, dtype=torch.int64)
+        if k == 0:  # an empty collection (Milvus refuses limit=0)
+            return scores, ids
         for start in range(0, len(queries), SEARCH_BATCH):
             results = self._client.search(
                 self.collection,

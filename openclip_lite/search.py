@@ -412,8 +412,8 @@ def search(
             f"the queries have {queries.shape[1]} dimensions but the index has {index.shape[1]}: "
             "encode the queries with the model that made the index"
         )
-    if k < 1:
-        raise ValueError(f"k must be at least 1, not {k}")
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k must be a positive integer, not {k!r}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be at least 1, not {chunk_size}")
     device = torch.device(device) if device is not None else index.device
@@ -469,6 +469,7 @@ def save_embeddings(path: PathLike, features: Tensor, paths: Sequence[str], mode
     from safetensors.torch import save_file
 
     path = os.fspath(path)
+    check_replaceable(path)
     if len(features) != len(paths):
         raise ValueError(f"{len(features)} feature rows but {len(paths)} paths; they must match one to one")
     paths = [os.fspath(p) for p in paths]  # TypeError for anything but str and PathLike
@@ -493,6 +494,32 @@ def save_embeddings(path: PathLike, features: Tensor, paths: Sequence[str], mode
             os.remove(temporary)
 
 
+def check_replaceable(path: str) -> None:
+    """ValueError unless `path` is free or holds embeddings (a re-run of `embed` replaces its own file): a model
+    checkpoint or any other file given as the output by mistake is never overwritten."""
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a folder; give the embeddings file a name ending in {' or '.join(EMBEDDINGS_SUFFIXES)}")
+    if os.path.exists(path) and _header_format(path) != EMBEDDINGS_FORMAT:
+        raise ValueError(
+            f"{path} exists and is not an embeddings file (a model checkpoint?), so it is kept; write the "
+            "embeddings to a new name, e.g. --out photos.safetensors"
+        )
+
+
+def _header_format(path: str) -> str | None:
+    """The "format" in a safetensors file's header metadata, read from the header alone (so a file whose tensors
+    were cut short still says what it is); None for anything else."""
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if not 2 <= size <= 100_000_000:  # safetensors' own cap on headers
+                return None
+            metadata = json.loads(f.read(size)).get("__metadata__") or {}
+    except (OSError, ValueError, AttributeError):  # unreadable, not JSON (UnicodeDecodeError is a ValueError), not an object
+        return None
+    return metadata.get("format") if isinstance(metadata, dict) else None
+
+
 def is_embeddings_file(path: PathLike) -> bool:
     """Whether `path` is a safetensors file (by its bytes: an 8-byte header length, then a JSON object)."""
     path = os.fspath(path)
@@ -514,14 +541,14 @@ def load_embeddings(path: PathLike) -> Embeddings:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"embeddings file not found: {path}")
     if not is_embeddings_file(path):
-        raise ValueError(f"{path} is not an embeddings file (safetensors); make one with: openclip-lite embed FOLDER --out {path}")
+        raise ValueError(f"{path} is not an embeddings file (safetensors); make one with: openclip-lite embed FOLDER --out photos.safetensors")
     try:
         with safe_open(path, framework="pt") as f:
             metadata = f.metadata() or {}
             if metadata.get("format") != EMBEDDINGS_FORMAT or set(f.keys()) != {"features", "paths"}:
                 raise ValueError(
-                    f"{path} is a safetensors file but not openclip-lite embeddings (a model checkpoint?); "
-                    f"make one with: openclip-lite embed FOLDER --out {path}"
+                    f"{path} is a safetensors file but not openclip-lite embeddings (a model checkpoint?); make "
+                    f"embeddings with it as the model: openclip-lite embed FOLDER --out photos.safetensors --model {path}"
                 )
             if metadata.get("version") != EMBEDDINGS_VERSION:
                 raise ValueError(f"{path} has embeddings format version {metadata.get('version')}, this openclip-lite reads {EMBEDDINGS_VERSION}; upgrade openclip-lite")
@@ -563,6 +590,7 @@ def check_search_index_target(path: PathLike, n: int, dim: int, kind: str | None
     path = os.fspath(path)
     options = {"memory_budget": memory_budget} if memory_budget is not None else {}
     if _is_single_file(path, kind, options):
+        check_replaceable(path)
         return
     index = _index_module(path)
     index.plan(n, dim, kind or "flat", **options)

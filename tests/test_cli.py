@@ -245,6 +245,11 @@ def test_index_build_from_shards_then_search(tmp_path):
     result = run("index", "build", str(tmp_path / "photos"), "--out", str(tmp_path / "bad"))
     assert result.returncode == 1 and "no Parquet shards" in result.stderr
 
+    # a model given by a relative path is kept absolute, as embed keeps it: the index is searchable from anywhere
+    result = run("index", "build", str(shards), "--out", str(tmp_path / "flat"), "--kind", "flat", "--model", os.path.relpath(DEMO, ROOT))
+    assert result.returncode == 0, result.stderr
+    assert info(str(tmp_path / "flat"))["model"] == DEMO
+
 
 # ---------------------------------------------------------------------------------------------------- messages
 
@@ -349,3 +354,40 @@ def test_embeddings_file_gets_the_mode_of_any_new_file(tmp_path):
     os.umask(umask)
     assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # as open() creates files, not safetensors' 0600
     assert [p.name for p in tmp_path.iterdir()] == ["shapes.safetensors"]  # written under a temporary name, renamed
+
+
+def test_embed_never_overwrites_what_is_not_embeddings(tmp_path):
+    model = tmp_path / "mycopy.safetensors"
+    shutil.copy(DEMO, model)
+    notes = tmp_path / "notes.pt"
+    notes.write_bytes(b"my notes")
+    kept = model.read_bytes()
+    embed = ["embed", *samples()[:2], "--model", str(model), "--device", "cpu", "--num-workers", "0"]
+    for out in (model, notes):
+        result = run(*embed, "--out", str(out))
+        assert result.returncode == 1 and "is not an embeddings file" in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+    assert model.read_bytes() == kept and notes.read_bytes() == b"my notes"
+
+    out = tmp_path / "photos.safetensors"  # a re-run replaces its own earlier file
+    for count in (2, 1):
+        result = run("embed", *samples()[:count], "--out", str(out), "--model", DEMO, "--device", "cpu", "--num-workers", "0")
+        assert result.returncode == 0 and f"embedded {count} images" in result.stdout, result.stderr
+
+    # a checkpoint given to search as the index: the hint makes a new file with it as the model, never over it
+    result = run("search", str(model), "a red circle")
+    assert result.returncode == 1 and f"--model {model}" in result.stderr and f"--out {model}" not in result.stderr
+
+
+def test_search_queries_too_long_after_dashes_and_in_any_script(tmp_path):
+    out = tmp_path / "shapes.safetensors"
+    result = run("embed", *samples(), "--out", str(out), "--model", DEMO, "--device", "cpu", "--num-workers", "0")
+    assert result.returncode == 0, result.stderr
+    long = "a photo of " * 30 + "a blue square"  # cut at 77 tokens, it would not mention the square
+    result = run("search", str(out), long, "--device", "cpu")
+    assert result.returncode == 1 and "--truncate" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    result = run("search", str(out), long, "--truncate", "--device", "cpu", "-k", "1")
+    assert result.returncode == 0, result.stderr
+    result = run("search", str(out), "-k", "1", "--device", "cpu", "--", "-red circle", "红色 circle")
+    assert result.returncode == 0, result.stderr
+    assert '"-red circle"' in result.stdout and '"红色 circle"' in result.stdout

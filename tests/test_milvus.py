@@ -255,12 +255,17 @@ def test_opening_only_names_the_collections_there(tmp_path):
         assert index.dim == DIM
 
 
-def test_search_pads_when_fewer_rows_than_k(tmp_path):
+def test_search_answers_at_most_the_collection_size(tmp_path):
+    # as FAISS's Index and `search`: k past the rows held is capped (the answer is allocated before searching, so a
+    # k of a billion on three rows used to take gigabytes)
     with MilvusIndex(tmp_path / "small.db", "small", dim=DIM) as index:
-        index.add(features(3, seed=9))
         scores, ids = index.search(features(2, seed=10), k=5)
-    assert (ids[:, 3:] == -1).all() and torch.isneginf(scores[:, 3:]).all()
-    assert sorted(ids[0, :3].tolist()) == [0, 1, 2]
+        assert scores.shape == ids.shape == (2, 0)  # empty
+        index.add(features(3, seed=9))
+        for k in (5, 10**9):
+            scores, ids = index.search(features(2, seed=10), k=k)
+            assert scores.shape == ids.shape == (2, 3) and torch.isfinite(scores).all()
+            assert sorted(ids[0].tolist()) == [0, 1, 2]
 
 
 def test_the_lock_error_does_not_depend_on_logging(tmp_path):

@@ -293,8 +293,9 @@ def test_search_edge_cases(random_index):
     assert torch.equal(indices, brute_force(queries, index.half().float(), 3)[1])
     with pytest.raises(ValueError, match="48 dimensions but the index has 40"):
         clip.search(queries, index[:, :40])
-    with pytest.raises(ValueError, match="k must be"):
-        clip.search(queries, index, k=0)
+    for k in (0, 2.0, True, "3"):
+        with pytest.raises(ValueError, match="k must be a positive integer"):
+            clip.search(queries, index, k=k)
 
 
 def test_search_refuses_rows_without_a_direction(random_index):
@@ -523,3 +524,23 @@ def test_cli_embed_with_ray_needs_a_folder_not_a_file_name(tmp_path, capsys):
     write_images(tmp_path / "photos")
     assert main(["embed", str(tmp_path / "photos"), "--engine", "ray", "--out", str(tmp_path / "r.safetensors"), "--model", "no-such-model"]) == 1
     assert "--out " + str(tmp_path / "r-shards") in capsys.readouterr().err and not (tmp_path / "r.safetensors").exists()
+
+
+def test_saving_embeddings_never_replaces_another_file(tmp_path):
+    # `embed --out` mistyped as the model's checkpoint, or any other file, must keep that file
+    features = F.normalize(torch.randn(2, 8), dim=-1)
+    checkpoint = tmp_path / "model.safetensors"
+    save_safetensors({"visual.proj": torch.zeros(2, 2)}, checkpoint)
+    notes = tmp_path / "notes.pt"
+    notes.write_bytes(b"my notes")
+    for path in (checkpoint, notes):
+        before = path.read_bytes()
+        with pytest.raises(ValueError, match="exists and is not an embeddings file"):
+            save_embeddings(path, features, ["a.jpg", "b.jpg"], "ViT-B/32")
+        assert path.read_bytes() == before
+    # an earlier embeddings file is what a re-run replaces, even one cut short
+    out = tmp_path / "photos.safetensors"
+    save_embeddings(out, features, ["a.jpg", "b.jpg"], "ViT-B/32")
+    out.write_bytes(out.read_bytes()[:-16])
+    save_embeddings(out, features[:1], ["c.jpg"], "ViT-B/32")
+    assert load_embeddings(out).paths == ["c.jpg"]
