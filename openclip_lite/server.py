@@ -37,7 +37,7 @@ try:  # python-multipart parses the uploads; its import name was "multipart" bef
 except ImportError:
     require("multipart", "serve")
 
-from fastapi import FastAPI, File, Form, Query, Request, UploadFile
+from fastapi import FastAPI, File, Form, Header, Query, Request, UploadFile
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -247,15 +247,23 @@ def create_app(
         responses={200: {"content": {"image/jpeg": {}}, "description": "a JPEG, at most 256 pixels a side"}, **ERRORS},
         summary="A thumbnail of an image in the index, by id",
     )
-    def thumb(id: Annotated[int, PathParam(ge=0, description="the image's id, as a search answer gives it")]) -> Response:
+    def thumb(
+        id: Annotated[int, PathParam(ge=0, description="the image's id, as a search answer gives it")],
+        if_none_match: Annotated[Optional[str], Header(description="the ETag of a thumbnail the browser holds")] = None,
+    ) -> Response:
         path = paths_of([id])[0]  # the path comes from the index, never from the request
         if path is None:
             raise HTTPException(404, _unknown_id(id, len(index), last_id))
         try:
-            data = thumbnail(path, _file_identity(path))  # stat'ed at each request: a deleted photo is a 404 at once
+            identity = _file_identity(path)  # stat'ed at each request: a deleted photo is a 404 at once
+            # the browser asks again each time it shows one (no-cache) and keeps its copy while the file is the same
+            headers = {"Cache-Control": "private, no-cache", "ETag": '"{:x}-{:x}-{:x}"'.format(*identity)}
+            if if_none_match and headers["ETag"] in (tag.strip() for tag in if_none_match.split(",")):
+                return Response(status_code=304, headers=headers)
+            data = thumbnail(path, identity)
         except (OSError, ImageError) as e:
             raise HTTPException(404, f"image {id} ({os.path.basename(path)}) cannot be read from disk any more: {type(e).__name__}") from e
-        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
+        return Response(data, media_type="image/jpeg", headers=headers)
 
     return app
 

@@ -315,13 +315,20 @@ def test_a_replaced_or_deleted_image_is_never_served_from_the_cache(tiny, tmp_pa
     Image.new("RGB", (64, 64), (220, 20, 20)).save(path)
     index = Embeddings(torch.nn.functional.normalize(torch.randn(1, 32), dim=-1), [path], "tiny")
     with running(create_app(index, model, preprocess)) as port:
-        assert mean_colour(http(port, "GET", "/api/thumb/0")) == pytest.approx((220, 20, 20), abs=8)
+        first = http(port, "GET", "/api/thumb/0")
+        assert mean_colour(first) == pytest.approx((220, 20, 20), abs=8)
+        # the browser keeps its copy but asks each time it shows it: unchanged, the answer is a bodiless 304
+        assert first.headers["cache-control"] == "private, no-cache" and first.headers["etag"]
+        again = http(port, "GET", "/api/thumb/0", headers={"If-None-Match": first.headers["etag"]})
+        assert (again.status, again.body, again.headers["etag"]) == (304, b"", first.headers["etag"])
 
         # edited in place: same inode, same size (a plain colour PNG), only the mtime tells
         Image.new("RGB", (64, 64), (20, 20, 220)).save(path)
         later = os.stat(path).st_mtime + 10
         os.utime(path, (later, later))
-        assert mean_colour(http(port, "GET", "/api/thumb/0")) == pytest.approx((20, 20, 220), abs=8)
+        changed = http(port, "GET", "/api/thumb/0", headers={"If-None-Match": first.headers["etag"]})  # the browser's copy is stale
+        assert changed.status == 200 and mean_colour(changed) == pytest.approx((20, 20, 220), abs=8)
+        assert changed.headers["etag"] != first.headers["etag"]
 
         # replaced by another file with the same mtime, as a sync tool restoring dates leaves it: the inode tells
         other = str(tmp_path / "other.png")
