@@ -1027,7 +1027,7 @@ def _read_meta(path: str) -> dict:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise IndexFileError(f"{path} is not an openclip-lite index ({file} is some other JSON file)")
     version = meta.get("format_version")
-    if not isinstance(version, int):
+    if not isinstance(version, int) or isinstance(version, bool):
         raise IndexFileError(f"{file} has no format_version; the index is corrupt: save it again")
     if version > FORMAT_VERSION:
         raise IndexFileError(
@@ -1042,9 +1042,14 @@ def _read_meta(path: str) -> dict:
         "params": lambda v: isinstance(v, dict) and all(isinstance(x, int) for x in v.values()),
         "files": lambda v: (
             isinstance(v, dict) and FILES["index"] in v and FILES["ids"] in v and set(v) <= set(FILES.values())
+            and all(isinstance(record, dict) for record in v.values())
         ),
+        # optional: None when the index names no model or was never tuned
+        "model": lambda v: v is None or isinstance(v, str),
+        "tuned_recall": lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1),
     }
+    optional = ("model", "tuned_recall")
     for field, ok in checks.items():
-        if field not in meta or not ok(meta[field]):
+        if (field not in meta and field not in optional) or not ok(meta.get(field)):
             raise IndexFileError(f"{file} has a missing or invalid {field!r}; the index is corrupt: save it again")
     return meta

@@ -344,10 +344,15 @@ def corrupt_cases(folder):
         ("meta.json", pickled_ids_with_matching_hash, "not a readable int64 array"),
         ("index.faiss", os.remove, "missing"),
         ("meta.json", os.remove, "no meta.json"),
+        # hand-edited with the wrong types: one clear error, not a traceback from deep inside loading
+        ("meta.json", edit_meta(lambda m: m.update(model=12)), "invalid 'model'"),
+        ("meta.json", edit_meta(lambda m: m.update(tuned_recall="high")), "invalid 'tuned_recall'"),
+        ("meta.json", edit_meta(lambda m: m["files"].update({"ids.npy": "abc"})), "invalid 'files'"),
+        ("meta.json", edit_meta(lambda m: m.update(format_version=True)), "no format_version"),
     ]
 
 
-@pytest.mark.parametrize("case", range(11))
+@pytest.mark.parametrize("case", range(15))
 def test_damaged_index_files_give_clear_errors(indexes, tmp_path, case):
     folder = str(tmp_path / "index")
     indexes["ivf_sq8"].save(folder)
