@@ -86,7 +86,10 @@ def export_onnx(model: CLIP, directory: "str | os.PathLike", opset: Optional[int
     exporters = _exporters(opset, dynamo, onnx.defs.onnx_opset_version())
     # not tempfile.mkdtemp: its folder is private (0700), and a new `directory` is this folder renamed
     staging = os.path.join(_nearest_folder(directory), f".openclip-lite-export-{uuid.uuid4().hex[:12]}")
-    os.mkdir(staging)
+    try:
+        os.mkdir(staging)
+    except OSError as e:  # a read-only or system folder: the error names the user's folder, not the hidden one
+        raise ExportError(f"cannot write into {directory} ({e.strerror}); export into a folder of your own") from e
     try:
         config = _export_into(model, staging, opset, exporters)
         _move_into_place(staging, directory)

@@ -548,8 +548,10 @@ class ModifiedResNet(nn.Module):
         return nn.Sequential(*layers)
 
     def stem(self, x: Tensor) -> Tensor:
-        # a pool put in its place (nn.Identity for feature maps) takes any size; torch.fx traces with no sizes to check
-        if type(self.attnpool) is AttentionPool2d and not isinstance(x, torch.fx.Proxy):
+        # a pool put in its place (nn.Identity for feature maps) takes any size; torch.fx and torch.jit.trace (ONNX's
+        # TorchScript exporter) trace sizes, not values, and a graph they record would keep the check's answer
+        tracing = isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing()
+        if type(self.attnpool) is AttentionPool2d and not tracing:
             h, w = x.shape[-2:]
             grid = round((self.attnpool.positional_embedding.shape[0] - 1) ** 0.5)  # resized with it, as DenseCLIP does
             if -(-h // 2) // 16 != grid or -(-w // 2) // 16 != grid:  # the map the pool gets: a stride-2 conv, then four halvings

@@ -575,3 +575,12 @@ def test_torchvision_feature_extractor_on_a_resnet():
     actual = create_feature_extractor(ours.visual, return_nodes=nodes)(x)
     for key in nodes.values():
         assert relative_error(actual[key], expected[key]) < 1e-5, key
+
+
+@torch.no_grad()
+def test_torch_jit_trace_of_a_resnet():
+    ref = reference_model("tiny-rn")
+    ours = build_model(ref.state_dict())
+    x = images(ref)
+    traced = torch.jit.trace(ours.visual, x, check_trace=False)
+    assert relative_error(traced(images(ref, 3)), ref.visual(images(ref, 3))) < 1e-5

@@ -210,3 +210,20 @@ def test_numpy_preprocess_equals_ours(mode, size):
     for n_px in (64, 224):
         expected = preprocess(n_px)(image).numpy()
         np.testing.assert_array_equal(example.preprocess(image, n_px, MEAN, STD), expected)
+
+
+def test_a_resnet_exports_with_the_torchscript_exporter(tmp_path):
+    # opsets 14 to 17 go through torch.jit.trace, which records sizes as tensors (the demo model is a ResNet)
+    model, _ = clip.load(DEMO, device="cpu")
+    export_onnx(model, tmp_path / "out", opset=17)
+    assert opset_of(tmp_path / "out" / "image.onnx") == 17
+    image = torch.randn(2, 3, model.visual.input_resolution, model.visual.input_resolution, generator=torch.Generator().manual_seed(0))
+    (onnx_image,) = ort.InferenceSession(str(tmp_path / "out" / "image.onnx"), providers=["CPUExecutionProvider"]).run(None, {"image": image.numpy()})
+    with torch.no_grad():
+        assert relative_error(torch.from_numpy(onnx_image), model.encode_image(image)) <= 1e-4
+
+
+def test_a_folder_that_cannot_be_written_is_an_export_error(tiny):
+    # /proc takes no new folders, even from root; the error names the folder given, not the hidden staging one
+    with pytest.raises(ExportError, match=r"cannot write into /proc/onnx-out \(.+\); export into a folder of your own"):
+        export_onnx(tiny[1], "/proc/onnx-out")
