@@ -11,10 +11,13 @@ from .errors import (
     ChecksumError,
     DeviceError,
     DownloadError,
+    EmbedError,
     ExportError,
     ImageError,
     IndexFileError,
     InputError,
+    MilvusIndexError,
+    MilvusLockedError,
     MissingDependencyError,
     OpenCLIPLiteError,
     ShardError,
@@ -67,6 +70,9 @@ __all__ = [
     "InputError",
     "IndexFileError",
     "ShardError",
+    "EmbedError",
+    "MilvusIndexError",
+    "MilvusLockedError",
     "ExportError",
     "MissingDependencyError",
 ]
@@ -100,6 +106,10 @@ def load(
     device = _resolve_device(device)
     if dtype is not None and dtype not in _DTYPES:
         raise InputError(f"dtype must be one of {', '.join(map(str, _DTYPES))} (or None for the device's default), got {dtype!r}")
+    if source is not None:  # a bad source is a bad argument for a checkpoint file too, not only for a name
+        from .download import resolve_source
+
+        resolve_source(source)
     if jit:
         warnings.warn("jit=True is not supported (TorchScript breaks on current PyTorch); returning the regular model", stacklevel=2)
     name = os.fspath(name)

@@ -49,7 +49,7 @@ from typing import Any, Union
 import numpy as np
 import torch
 
-from .errors import ImageError, OpenCLIPLiteError, require
+from .errors import EmbedError, ImageError, InputError, require
 
 __all__ = ["DEFAULT_SHARD_SIZE", "EmbedError", "EmbedResult", "embed", "list_source"]
 
@@ -71,10 +71,6 @@ DECODE_ROWS = 64
 GLOB_CHARACTERS = "*?["
 
 Source = Union[str, "os.PathLike[str]", Sequence[Union[str, "os.PathLike[str]"]], Any]  # Any: a ray.data.Dataset
-
-
-class EmbedError(OpenCLIPLiteError, RuntimeError):
-    """A distributed embedding run that cannot go on: an output folder holding other files, rows lost."""
 
 
 @dataclass(frozen=True)
@@ -143,21 +139,21 @@ def embed(
     on_shard : called in the driver with each shard's file name once it is written (progress reports)
 
     Re-running with the same source, model and shard_size after a crash or Ctrl-C keeps the finished shards and
-    writes the others; a complete output is left as it is. Inputs that cannot be read are skipped and listed in
+    writes the others; a complete output keeps every shard (its manifest is written again). Inputs that cannot be read are skipped and listed in
     the manifest with the reason. An `image`-column Dataset has no fixed slices before it is read, so it is
     embedded whole on every call (its shards follow the order rows arrive in).
     Features equal `search.encode_images`' for the same model and images (fp16 on GPU, fp32 on CPU, as `load`).
     """
     if output is None:
-        raise ValueError("give the folder to write the shards to: embed(source, model, output='shards/')")
+        raise InputError("give the folder to write the shards to: embed(source, model, output='shards/')")
     if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, not {batch_size}")
+        raise InputError(f"batch_size must be at least 1, not {batch_size}")
     if shard_size < 1:
-        raise ValueError(f"shard_size must be at least 1, not {shard_size}")
+        raise InputError(f"shard_size must be at least 1, not {shard_size}")
     if actors is not None and actors < 1:
-        raise ValueError(f"actors must be at least 1, not {actors}")
+        raise InputError(f"actors must be at least 1, not {actors}")
     if num_gpus is not None and num_gpus < 0:
-        raise ValueError(f"num_gpus must be 0 (CPU actors) or more, not {num_gpus}")
+        raise InputError(f"num_gpus must be 0 (CPU actors) or more, not {num_gpus}")
     ray = require("ray", "ray")
     require("ray.data", "ray")
     require("pyarrow.parquet", "ray")
@@ -170,7 +166,7 @@ def embed(
         else:
             paths, description = list_source(source), _describe(source)
             if not paths:
-                raise ValueError(f"no image files in {description}")
+                raise InputError(f"no image files in {description}")
         model_name, state_dict, n_px, dim = _read_model(model, download_root)
         job = _Job(_OutputFolder(output), model_name, dim, shard_size, paths)
         place = _place(os.fspath(source)) if isinstance(source, (str, os.PathLike)) else None
@@ -277,7 +273,7 @@ def _dataset_source(dataset: Any) -> tuple[list[str] | None, str]:
     """
     columns = dataset.schema().names
     if "path" not in columns:
-        raise ValueError(
+        raise InputError(
             f"the Dataset needs a 'path' column (it has {columns}): files to read, or the names of the rows of its "
             "'image' column (ray.data.read_images(..., include_paths=True) gives both)"
         )
@@ -287,7 +283,7 @@ def _dataset_source(dataset: Any) -> tuple[list[str] | None, str]:
     for batch in dataset.select_columns(["path"]).iter_batches(batch_size=None, batch_format="pyarrow"):
         paths.extend(batch.column("path").to_pylist())
     if not paths:
-        raise ValueError("the Dataset has no rows")
+        raise InputError("the Dataset has no rows")
     return [p if _is_uri(p) else os.path.abspath(p) for p in paths], "ray.data.Dataset (path column)"
 
 
@@ -374,7 +370,7 @@ def _pool_size(ray: Any, actors: int | None, num_gpus: float | None, num_cpus: f
         num_gpus = 1.0 if gpus >= 1 else 0.0
     if num_gpus > 0:
         if gpus == 0:
-            raise ValueError(f"num_gpus={num_gpus} was asked for but the Ray cluster has no GPU; leave num_gpus out (or 0) to run on CPUs")
+            raise InputError(f"num_gpus={num_gpus} was asked for but the Ray cluster has no GPU; leave num_gpus out (or 0) to run on CPUs")
         actors = actors or max(1, int(gpus // num_gpus))
         if actors * num_gpus > gpus:
             logger.warning("%d actors x %s GPUs need more than the cluster's %s GPUs; the pool waits for the autoscaler", actors, num_gpus, gpus)
@@ -536,7 +532,7 @@ class _OutputFolder:
         self.root = self.root.rstrip("/") or "/"
         info = self.fs.get_file_info(self.root)
         if info.type == pafs.FileType.File:
-            raise ValueError(f"{output} is a file; give a folder for the shards")
+            raise InputError(f"{output} is a file; give a folder for the shards")
         self.fs.create_dir(self.root, recursive=True)
 
     def path(self, name: str) -> str:

@@ -24,8 +24,9 @@ class UnsafeCheckpointError(CheckpointError):
 
 class InputError(OpenCLIPLiteError, ValueError, RuntimeError):
     """An input the model cannot take: images of another size or not (batch, 3, H, W), token ids not (batch, n) or
-    longer than the context; or an argument `load` cannot take (a download source, dtype or image_size outside its
-    choices). A ValueError, and a RuntimeError as OpenAI's model raised for these."""
+    longer than the context; an argument `load` cannot take (a download source, dtype or image_size outside its
+    choices); or any other value outside what a function takes (k < 1, a template without one {}, a memory budget
+    no index fits). A ValueError, and a RuntimeError as OpenAI's model raised for these."""
 
 
 class DownloadError(OpenCLIPLiteError, RuntimeError):
@@ -62,6 +63,18 @@ class DeviceError(OpenCLIPLiteError, ValueError, RuntimeError):
     A ValueError for a bad argument, and a RuntimeError as torch raises for an unusable device, so either
     `except` keeps working.
     """
+
+
+class EmbedError(OpenCLIPLiteError, RuntimeError):
+    """A distributed embedding run that cannot go on: an output folder holding other files, rows lost."""
+
+
+class MilvusIndexError(OpenCLIPLiteError, ValueError):
+    """A bad argument for a Milvus index (index type, knob, dimension, collection), caught before Milvus sees it."""
+
+
+class MilvusLockedError(OpenCLIPLiteError, RuntimeError):
+    """A Milvus Lite directory whose LOCK file another process holds."""
 
 
 class ExportError(OpenCLIPLiteError, ValueError):

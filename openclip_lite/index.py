@@ -47,7 +47,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .errors import IndexFileError, require
+from .errors import IndexFileError, InputError, require
 
 __all__ = ["KINDS", "METRICS", "Index", "build_index", "estimate_bytes", "load_index", "parse_memory", "plan"]
 
@@ -98,10 +98,10 @@ def _as_matrix(x: ArrayLike, what: str) -> np.ndarray:
     if x.ndim == 1:
         x = x[None]
     if x.ndim != 2:
-        raise ValueError(f"{what} must have shape (n, dim) or (dim,), got {x.shape}")
+        raise InputError(f"{what} must have shape (n, dim) or (dim,), got {x.shape}")
     if not np.isfinite(x).all():
         bad = int(np.flatnonzero(~np.isfinite(x).all(axis=1))[0])
-        raise ValueError(f"{what} contain NaN or infinite values (row {bad} is the first); check the encoder's output")
+        raise InputError(f"{what} contain NaN or infinite values (row {bad} is the first); check the encoder's output")
     return x
 
 
@@ -114,7 +114,7 @@ def _normalised(x: np.ndarray, what: str) -> np.ndarray:
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     if (norms == 0).any():
         bad = int(np.flatnonzero(norms[:, 0] == 0)[0])
-        raise ValueError(f"{what} row {bad} is all zeros, which has no cosine similarity; drop it or use metric='ip'")
+        raise InputError(f"{what} row {bad} is all zeros, which has no cosine similarity; drop it or use metric='ip'")
     return x if np.all(np.abs(norms - 1) < 1e-6) else x / norms
 
 
@@ -122,17 +122,17 @@ def parse_memory(budget: int | str) -> int:
     """Bytes from an int or a size string: "4G", "512M", "1.5GB", "100KiB" (units of 1024, like autofaiss)."""
     if isinstance(budget, (int, np.integer)) and not isinstance(budget, bool):
         if budget <= 0:
-            raise ValueError(f"memory_budget must be positive, got {budget}")
+            raise InputError(f"memory_budget must be positive, got {budget}")
         return int(budget)
     match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([KMGT]?)(?:I?B)?\s*", str(budget).upper())
     if isinstance(budget, bool) or match is None or float(match[1]) <= 0:
-        raise ValueError(f"memory_budget must be a byte count or a size such as '512M' or '4G', got {budget!r}")
+        raise InputError(f"memory_budget must be a byte count or a size such as '512M' or '4G', got {budget!r}")
     return int(float(match[1]) * _UNITS[match[2]])
 
 
 def _positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        raise InputError(f"{name} must be a positive integer, got {value!r}")
     return int(value)
 
 
@@ -194,7 +194,7 @@ def estimate_bytes(kind: str, n: int, dim: int, metric: str = "cosine", **params
         # for L2, IVFPQ precomputes a table of nlist x m x 2**nbits floats (when it is under FAISS's 2 GB limit)
         table = 4 * nlist * m * 2**nbits if metric == "l2" and 4 * nlist * m * 2**nbits <= 2**31 else 0
         return coarse + codebooks + pca + table + math.ceil(m * nbits / 8) * n + ids
-    raise ValueError(f"unknown index kind {kind!r}; use one of: {', '.join(KINDS)}")
+    raise InputError(f"unknown index kind {kind!r}; use one of: {', '.join(KINDS)}")
 
 
 def _choose(n: int, dim: int, metric: str, budget: int | None) -> tuple[str, dict]:
@@ -214,7 +214,7 @@ def _choose(n: int, dim: int, metric: str, budget: int | None) -> tuple[str, dic
         if fits("ivf_pq", m=m, nbits=nbits):
             return "ivf_pq", {"m": m, "nbits": nbits}
     smallest = estimate_bytes("ivf_pq", n, dim, metric, m=1, nbits=nbits)
-    raise ValueError(
+    raise InputError(
         f"memory_budget of {budget:,} bytes is too small for {n:,} vectors: even the smallest index (IVF-PQ with "
         f"one {nbits}-bit code per vector, mostly ids and centroids) needs {smallest:,}; raise the budget"
     )
@@ -272,7 +272,7 @@ class Index:
         paths : n strings, one per vector; needed exactly when the index keeps paths
         """
         if self._read_only:
-            raise ValueError("this index was loaded with mmap=True and is read-only; load it with mmap=False to add")
+            raise InputError("this index was loaded with mmap=True and is read-only; load it with mmap=False to add")
         x = self._prepare(features, "features")
         new_ids = _check_ids(ids, len(x), self._ids)
         if (paths is None) != (self._paths is None) and len(x):
@@ -281,7 +281,7 @@ class Index:
                 if paths is None
                 else "keeps no paths; leave paths out"
             )
-            raise ValueError(f"this index {keeps} with the features")
+            raise InputError(f"this index {keeps} with the features")
         paths = _check_paths(paths, len(x))
         self._add_rows(x, np.arange(len(self), len(self) + len(x)))
         self._ids = np.concatenate([self._ids, new_ids])
@@ -299,9 +299,9 @@ class Index:
         could not fill has id -1 and score -inf.
         """
         if len(self) == 0:
-            raise ValueError("the index is empty; add vectors to it before searching")
+            raise InputError("the index is empty; add vectors to it before searching")
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise ValueError(f"k must be a positive integer, got {k!r}")
+            raise InputError(f"k must be a positive integer, got {k!r}")
         k = min(k, len(self))
         x = self._prepare(queries, "queries")
         scores, positions = self._faiss.search(x, int(k))
@@ -353,7 +353,7 @@ class Index:
         Returns `params` (with the new knob); `tuned_recall` holds the recall measured with it.
         """
         if not 0 < target_recall <= 1:
-            raise ValueError(f"target_recall must be in (0, 1], got {target_recall}")
+            raise InputError(f"target_recall must be in (0, 1], got {target_recall}")
         exact, approximate = self._recall_answers(k, queries, features, n_queries)
         return self._tune_with(exact, approximate, target_recall)
 
@@ -418,13 +418,13 @@ class Index:
         n = len(self)
         leave_one_out = queries is None
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= n - leave_one_out:
-            raise ValueError(f"k must be from 1 to {n - leave_one_out} for an index of {n} vectors, got {k!r}")
+            raise InputError(f"k must be from 1 to {n - leave_one_out} for an index of {n} vectors, got {k!r}")
         if features is None:
             base = self._reconstruct_all()
         else:
             base = self._prepare(features, "features")
             if len(base) != n:
-                raise ValueError(f"features must be the {n} indexed vectors in the order added, got {len(base)} rows")
+                raise InputError(f"features must be the {n} indexed vectors in the order added, got {len(base)} rows")
         metric = faiss.METRIC_L2 if self.metric == "l2" else faiss.METRIC_INNER_PRODUCT
         if leave_one_out:
             chosen = np.sort(
@@ -548,7 +548,7 @@ class Index:
         x = _as_matrix(x, what)
         if x.shape[1] != self.dim:
             made_by = f" ({self.model})" if self.model else ""
-            raise ValueError(
+            raise InputError(
                 f"{what} have {x.shape[1]} dimensions but this index holds {self.dim}-dimensional vectors; "
                 f"use features from the model that made the index{made_by}"
             )
@@ -602,7 +602,7 @@ class Index:
         try:
             self._faiss = faiss.index_cpu_to_gpu(resources, gpu, self._faiss)
         except RuntimeError as e:
-            raise ValueError(
+            raise InputError(
                 f"FAISS could not move this {self.kind} index to cuda:{gpu} ({e}); use device='cpu'"
             ) from e
         self._gpu_resources = resources
@@ -617,20 +617,20 @@ def _gpu_number(device: str | torch.device, kind: str, read_only: bool = False) 
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError) as e:
-        raise ValueError(f"unknown device {device!r}; use 'cpu', 'cuda' or 'cuda:N'") from e
+        raise InputError(f"unknown device {device!r}; use 'cpu', 'cuda' or 'cuda:N'") from e
     if device.type == "cpu":
         return None
     faiss = _faiss()
     gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
     if device.type != "cuda" or gpus == 0 or (device.index or 0) >= gpus:
-        raise ValueError(
+        raise InputError(
             f"device {str(device)!r}: this faiss ({faiss.__version__}) sees {gpus} GPUs; install faiss-gpu "
             f"(e.g. pip install faiss-gpu-cu12) on a CUDA machine, or use device='cpu'"
         )
     if kind == "hnsw":
-        raise ValueError("FAISS has no GPU HNSW; use device='cpu', or kind='ivf_flat' / 'ivf_sq8' on the GPU")
+        raise InputError("FAISS has no GPU HNSW; use device='cpu', or kind='ivf_flat' / 'ivf_sq8' on the GPU")
     if read_only:
-        raise ValueError("an mmap'd index cannot be copied to the GPU; load it with mmap=False")
+        raise InputError("an mmap'd index cannot be copied to the GPU; load it with mmap=False")
     return device.index or 0
 
 
@@ -641,15 +641,15 @@ def _check_ids(ids: ArrayLike | None, n: int, existing: np.ndarray) -> np.ndarra
         return np.arange(start, start + n, dtype=np.int64)
     ids = ids.detach().cpu().numpy() if isinstance(ids, Tensor) else np.asarray(ids)
     if ids.ndim != 1 or len(ids) != n or (n and not np.issubdtype(ids.dtype, np.integer)):
-        raise ValueError(f"ids must be {n} integers (one per feature row), got {ids.dtype} {ids.shape}")
+        raise InputError(f"ids must be {n} integers (one per feature row), got {ids.dtype} {ids.shape}")
     if n and (ids.min() < 0 or ids.max() > np.iinfo(np.int64).max):
-        raise ValueError("ids must be non-negative int64 values; -1 marks an empty result slot")
+        raise InputError("ids must be non-negative int64 values; -1 marks an empty result slot")
     ids = ids.astype(np.int64)
     if len(np.unique(ids)) != n:
-        raise ValueError("ids must be unique; the same id twice would make search answers ambiguous")
+        raise InputError("ids must be unique; the same id twice would make search answers ambiguous")
     taken = ids[np.isin(ids, existing)]
     if len(taken):
-        raise ValueError(f"ids already in the index: {taken[:5].tolist()}; give new ids or leave ids out")
+        raise InputError(f"ids already in the index: {taken[:5].tolist()}; give new ids or leave ids out")
     return ids
 
 
@@ -657,7 +657,7 @@ def _check_paths(paths: Sequence[str] | None, n: int) -> list[str] | None:
     if paths is None:
         return None
     if isinstance(paths, (str, bytes)) or len(paths) != n or not all(isinstance(p, str) for p in paths):
-        raise ValueError(f"paths must be a list of {n} strings (one per feature row)")
+        raise InputError(f"paths must be a list of {n} strings (one per feature row)")
     return list(paths)
 
 
@@ -711,12 +711,12 @@ def build_index(
         done and added then; None skips tuning, as does giving nprobe / efSearch yourself
     device : "cpu", or "cuda" / "cuda:N" to search flat and IVF indexes on a GPU (needs faiss-gpu)
     params : knobs in FAISS's names: nlist, m, nbits, nprobe (IVF kinds); M, efConstruction, efSearch (hnsw).
-        Defaults: nlist ~ 4 sqrt(n), m the most that fits memory_budget (else dim / 4), nbits 8, M 32,
-        efConstruction 40
+        Defaults: nlist ~ 4 sqrt(n), m the most that fits memory_budget (else dim / 4), nbits 8 (fewer below
+        ~10k vectors, so that each of the 2**nbits centroids has 39 training points), M 32, efConstruction 40
     """
     faiss = _faiss()
     if target_recall is not None and not 0 < target_recall <= 1:
-        raise ValueError(f"target_recall must be in (0, 1], or None to skip tuning; got {target_recall}")
+        raise InputError(f"target_recall must be in (0, 1], or None to skip tuning; got {target_recall}")
     _check_kind_and_metric(kind, metric)
     source = _source(features)
     n, dim = len(source), source.dim
@@ -809,16 +809,16 @@ def check_save_path(path: str | os.PathLike) -> None:
     """ValueError unless `Index.save(path)` may write there: a new path, an empty folder or a saved index."""
     path = os.fspath(path)
     if os.path.exists(path) and not os.path.isdir(path):
-        raise ValueError(f"{path} exists and is a file; an index is saved as a directory: choose another path")
+        raise InputError(f"{path} exists and is a file; an index is saved as a directory: choose another path")
     if os.path.isdir(path) and os.listdir(path) and not os.path.exists(os.path.join(path, FILES["meta"])):
-        raise ValueError(f"{path} is a non-empty directory that holds no index; choose a new or empty directory")
+        raise InputError(f"{path} is a non-empty directory that holds no index; choose a new or empty directory")
 
 
 def _check_kind_and_metric(kind: str, metric: str) -> None:
     if metric not in METRICS:
-        raise ValueError(f"unknown metric {metric!r}; use one of: {', '.join(METRICS)}")
+        raise InputError(f"unknown metric {metric!r}; use one of: {', '.join(METRICS)}")
     if kind != "auto" and kind not in KINDS:
-        raise ValueError(f"unknown index kind {kind!r}; use one of: auto, {', '.join(KINDS)}")
+        raise InputError(f"unknown index kind {kind!r}; use one of: auto, {', '.join(KINDS)}")
 
 
 def plan(
@@ -831,12 +831,12 @@ def plan(
     budget = None if memory_budget is None else parse_memory(memory_budget)
     if kind == "auto":
         if params:
-            raise ValueError(f"kind='auto' chooses its own parameters; got {sorted(params)}: name a kind to set them")
+            raise InputError(f"kind='auto' chooses its own parameters; got {sorted(params)}: name a kind to set them")
         kind, params = _choose(n, dim, metric, budget)
     params = _build_params(kind, n, dim, metric, budget, params)
     if budget is not None and estimate_bytes(kind, n, dim, metric, **params) > budget:
         need = estimate_bytes(kind, n, dim, metric, **params)
-        raise ValueError(
+        raise InputError(
             f"a {kind} index of {n:,} vectors needs about {need:,} bytes, over memory_budget={budget:,}; "
             f"use kind='auto' to pick one that fits, or raise the budget"
         )
@@ -847,22 +847,22 @@ def _build_params(kind: str, n: int, dim: int, metric: str, budget: int | None, 
     """The build and search knobs of `kind`, with defaults filled in and checked against n and dim."""
     unknown = sorted(set(given) - set(KNOBS[kind]))
     if unknown:
-        raise ValueError(
+        raise InputError(
             f"{kind} takes no parameter {unknown[0]!r}; its parameters are: {', '.join(KNOBS[kind]) or 'none'}"
         )
     params = {name: _positive_int(name, value) for name, value in given.items()}
     if kind.startswith("ivf"):
         if n == 0:
-            raise ValueError(f"{kind} learns its cells from the features; build it from at least one vector")
+            raise InputError(f"{kind} learns its cells from the features; build it from at least one vector")
         params.setdefault("nlist", _default_nlist(n))
         if params["nlist"] > min(n, TRAIN_MAX):
-            raise ValueError(f"nlist={params['nlist']} cells need at least as many training vectors; got {n}")
+            raise InputError(f"nlist={params['nlist']} cells need at least as many training vectors; got {n}")
     if kind == "ivf_pq":
         params.setdefault("nbits", _default_nbits(n))
         if n < 2:  # even 1-bit codes need two centroids, learnt from two vectors
-            raise ValueError(f"ivf_pq learns its codebooks from the features; build it from at least two vectors (got {n})")
+            raise InputError(f"ivf_pq learns its codebooks from the features; build it from at least two vectors (got {n})")
         if params["nbits"] > 16 or 2 ** params["nbits"] > min(n, TRAIN_MAX):
-            raise ValueError(
+            raise InputError(
                 f"nbits={params['nbits']} needs 2**nbits <= 65536 codebook centroids and at least as many training "
                 f"vectors; got {n} vectors: use nbits <= {max(1, int(math.log2(max(n, 2))))}"
             )
@@ -877,7 +877,7 @@ def _build_params(kind: str, n: int, dim: int, metric: str, budget: int | None, 
             params["m"] = fitting[0]
         elif params["m"] not in _pq_sizes(dim):
             divisors = ", ".join(str(m) for m in _pq_sizes(dim) if dim % m == 0)
-            raise ValueError(
+            raise InputError(
                 f"m={params['m']} codes would cover {_pq_dims(params['m'], dim)} of the {dim} dimensions, dropping "
                 f"more than an eighth; use an m that divides {dim} ({divisors}) or nearly does"
             )

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .errors import OpenCLIPLiteError, require
+from .errors import MilvusIndexError, MilvusLockedError, require
 
 __all__ = ["INDEX_TYPES", "MilvusIndex", "MilvusIndexError", "MilvusLockedError", "load_shards_into_milvus"]
 
@@ -48,14 +48,6 @@ GET_BATCH = 10_000  # ids per get request
 INT64_MAX = 2**63 - 1  # the largest id an INT64 primary key holds
 
 ArrayLike = Union[Tensor, np.ndarray, Sequence]  # evaluated at run time: `|` needs Python 3.10
-
-
-class MilvusIndexError(OpenCLIPLiteError, ValueError):
-    """A bad argument for a Milvus index (index type, knob, dimension, collection), caught before Milvus sees it."""
-
-
-class MilvusLockedError(OpenCLIPLiteError, RuntimeError):
-    """A Milvus Lite directory whose LOCK file another process holds."""
 
 
 # Milvus Lite runs one in-process server per directory, which pymilvus starts and never stops; we count the open

@@ -30,7 +30,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 from torchvision.transforms import Compose, Normalize, ToTensor
 
-from .errors import ImageError
+from .errors import ImageError, InputError
 from .tokenizer import tokenize
 from .transform import open_image
 
@@ -269,9 +269,9 @@ def encode_images(
     kept is every index and skipped is empty.
     """
     if on_error not in ("raise", "skip"):
-        raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
+        raise InputError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
     if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, not {batch_size}")
+        raise InputError(f"batch_size must be at least 1, not {batch_size}")
     if isinstance(images, (str, os.PathLike)) and os.path.isdir(images):  # not an image to skip: the ones in it
         raise IsADirectoryError(f"{os.fspath(images)} is a folder; pass list_images({os.fspath(images)!r}) for the images in it")
     if isinstance(images, (str, os.PathLike, Image.Image)):
@@ -361,7 +361,7 @@ def encode_texts(model: torch.nn.Module, texts: str | Sequence[str], batch_size:
     work) and returned in the order given; the features do not depend on the batching.
     """
     if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, not {batch_size}")
+        raise InputError(f"batch_size must be at least 1, not {batch_size}")
     device = _device(model)
     tokens = tokenize(texts, context_length=model.context_length, truncate=truncate)
     if len(tokens) == 0:
@@ -406,23 +406,23 @@ def search(
     if queries.dim() == 1:
         queries = queries.unsqueeze(0)
     if index.dim() != 2 or queries.dim() != 2:
-        raise ValueError(f"search needs queries (num_queries, dim) and an index (n, dim); got {tuple(queries.shape)} and {tuple(index.shape)}")
+        raise InputError(f"search needs queries (num_queries, dim) and an index (n, dim); got {tuple(queries.shape)} and {tuple(index.shape)}")
     if queries.shape[1] != index.shape[1]:
-        raise ValueError(
+        raise InputError(
             f"the queries have {queries.shape[1]} dimensions but the index has {index.shape[1]}: "
             "encode the queries with the model that made the index"
         )
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"k must be a positive integer, not {k!r}")
+        raise InputError(f"k must be a positive integer, not {k!r}")
     if chunk_size < 1:
-        raise ValueError(f"chunk_size must be at least 1, not {chunk_size}")
+        raise InputError(f"chunk_size must be at least 1, not {chunk_size}")
     device = torch.device(device) if device is not None else index.device
     k = min(k, len(index))
     queries = queries.to(device, torch.float32)
     norms = queries.norm(dim=1)
     if not (torch.isfinite(norms) & (norms > 0)).all():  # a NaN query would score NaN everywhere, a zero one 0
         row = int((~(torch.isfinite(norms) & (norms > 0))).nonzero()[0])
-        raise ValueError(f"query {row} is all zeros or holds NaN or infinite values, so it has no cosine similarity; drop it")
+        raise InputError(f"query {row} is all zeros or holds NaN or infinite values, so it has no cosine similarity; drop it")
     queries = queries / norms[:, None]
     # the running top-k of every query; -inf loses to any cosine, and k <= n real rows replace every one of them
     best_scores = torch.full((len(queries), k), float("-inf"), device=device)
@@ -441,7 +441,7 @@ def search(
     bad = torch.isnan(best_scores)
     if bad.any():
         row = int(best_indices[bad][0])
-        raise ValueError(f"index row {row} holds NaN or infinite values; check the encoder's output")
+        raise InputError(f"index row {row} holds NaN or infinite values; check the encoder's output")
     # equal scores in row order (which of several equal rows makes the k-th place is left to topk, as in torch)
     best_indices, order = best_indices.sort(dim=1, stable=True)
     best_scores, order = best_scores.gather(1, order).sort(dim=1, descending=True, stable=True)
@@ -451,7 +451,7 @@ def search(
 def _check_finite(x: Tensor, what: str) -> None:
     finite = torch.isfinite(x).all(dim=1)
     if not finite.all():
-        raise ValueError(f"{what} row {int((~finite).nonzero()[0])} holds NaN or infinite values; check the encoder's output")
+        raise InputError(f"{what} row {int((~finite).nonzero()[0])} holds NaN or infinite values; check the encoder's output")
 
 
 # ---------------------------------------------------------------------------------------------------- files
@@ -471,7 +471,7 @@ def save_embeddings(path: PathLike, features: Tensor, paths: Sequence[str], mode
     path = os.fspath(path)
     check_replaceable(path)
     if len(features) != len(paths):
-        raise ValueError(f"{len(features)} feature rows but {len(paths)} paths; they must match one to one")
+        raise InputError(f"{len(features)} feature rows but {len(paths)} paths; they must match one to one")
     paths = [os.fspath(p) for p in paths]  # TypeError for anything but str and PathLike
     features = features.detach().float().cpu()
     if len(features):
@@ -498,9 +498,9 @@ def check_replaceable(path: str) -> None:
     """ValueError unless `path` is free or holds embeddings (a re-run of `embed` replaces its own file): a model
     checkpoint or any other file given as the output by mistake is never overwritten."""
     if os.path.isdir(path):
-        raise ValueError(f"{path} is a folder; give the embeddings file a name ending in {' or '.join(EMBEDDINGS_SUFFIXES)}")
+        raise InputError(f"{path} is a folder; give the embeddings file a name ending in {' or '.join(EMBEDDINGS_SUFFIXES)}")
     if os.path.exists(path) and _header_format(path) != EMBEDDINGS_FORMAT:
-        raise ValueError(
+        raise InputError(
             f"{path} exists and is not an embeddings file (a model checkpoint?), so it is kept; write the "
             "embeddings to a new name, e.g. --out photos.safetensors"
         )
@@ -541,23 +541,23 @@ def load_embeddings(path: PathLike) -> Embeddings:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"embeddings file not found: {path}")
     if not is_embeddings_file(path):
-        raise ValueError(f"{path} is not an embeddings file (safetensors); make one with: openclip-lite embed FOLDER --out photos.safetensors")
+        raise InputError(f"{path} is not an embeddings file (safetensors); make one with: openclip-lite embed FOLDER --out photos.safetensors")
     try:
         with safe_open(path, framework="pt") as f:
             metadata = f.metadata() or {}
             if metadata.get("format") != EMBEDDINGS_FORMAT or set(f.keys()) != {"features", "paths"}:
-                raise ValueError(
+                raise InputError(
                     f"{path} is a safetensors file but not openclip-lite embeddings (a model checkpoint?); make "
                     f"embeddings with it as the model: openclip-lite embed FOLDER --out photos.safetensors --model {path}"
                 )
             if metadata.get("version") != EMBEDDINGS_VERSION:
-                raise ValueError(f"{path} has embeddings format version {metadata.get('version')}, this openclip-lite reads {EMBEDDINGS_VERSION}; upgrade openclip-lite")
+                raise InputError(f"{path} has embeddings format version {metadata.get('version')}, this openclip-lite reads {EMBEDDINGS_VERSION}; upgrade openclip-lite")
             features = f.get_tensor("features")
             paths = json.loads(f.get_tensor("paths").numpy().tobytes().decode("utf-8"))
     except (SafetensorError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"could not read {path} as an embeddings file ({e}); it may be truncated: embed again") from e
+        raise InputError(f"could not read {path} as an embeddings file ({e}); it may be truncated: embed again") from e
     if features.dim() != 2 or len(features) != len(paths):
-        raise ValueError(f"{path} is inconsistent ({tuple(features.shape)} features, {len(paths)} paths); embed again")
+        raise InputError(f"{path} is inconsistent ({tuple(features.shape)} features, {len(paths)} paths); embed again")
     return Embeddings(features, paths, metadata.get("model", ""))
 
 
@@ -602,7 +602,7 @@ def _is_single_file(path: str, kind: str | None, build_options: dict) -> bool:
     if not path.lower().endswith(EMBEDDINGS_SUFFIXES) or os.path.isdir(path):
         return False
     if kind not in (None, "flat") or build_options:
-        raise ValueError(
+        raise InputError(
             f"{path} names a single embeddings file, which is always searched exactly (flat); for a "
             f"{kind or 'tuned'} FAISS index give a folder name instead, e.g. {os.path.splitext(path)[0]}"
         )
@@ -630,7 +630,7 @@ def _index_module(path: str):
     except ModuleNotFoundError as e:
         if e.name != f"{__package__}.index":  # index.py exists but lacks a dependency: its own error says which
             raise
-        raise ValueError(
+        raise InputError(
             f"{path} would be a FAISS index, which this version of openclip-lite cannot write or read; "
             f"use a single embeddings file instead (a name ending in {' or '.join(EMBEDDINGS_SUFFIXES)})"
         ) from e

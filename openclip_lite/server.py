@@ -29,7 +29,7 @@ from typing import Annotated, Any, Optional, Union
 
 from PIL import Image, ImageOps
 
-from .errors import ImageError, TextTooLongError, require
+from .errors import ImageError, InputError, TextTooLongError, require
 
 require("fastapi", "serve")
 try:  # python-multipart parses the uploads; its import name was "multipart" before 0.0.13
@@ -289,7 +289,7 @@ def _check_dimensions(index: Any, model: Any, model_name: str) -> None:
         remedy = f"serve it with the model that made it, {made_by} (`openclip-lite serve` uses that one when --model is left out)"
     else:
         remedy = "serve it with the model that made it"
-    raise ValueError(
+    raise InputError(
         f"the model {model_name or '(unnamed)'} makes {model_dim}-dimensional features but the index holds "
         f"{index_dim}-dimensional ones, so no search could run; {remedy}, or embed the images again with this model"
     )
@@ -513,7 +513,7 @@ def serve(
         where = repr(index)
     model_name = model or getattr(index, "model", "")
     if not model_name:
-        raise ValueError(f"{where} does not name its model; give it with --model")
+        raise InputError(f"{where} does not name its model; give it with --model")
     clip_model, preprocess = openclip_lite.load(model_name, device=device, download_root=download_root)
     app = create_app(index, clip_model, preprocess, model_name=model_name)
     # bound here, so that a port in use or an unknown host is one OSError before anything says "serving"

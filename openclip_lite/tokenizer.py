@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from .errors import TextTooLongError, TextTypeError
+from .errors import InputError, TextTooLongError, TextTypeError
 
 if TYPE_CHECKING:
     import regex
@@ -116,7 +116,7 @@ class SimpleTokenizer:
         # C-level map/zip throughout: building the tables is most of a tokenizer's start-up time
         merges = list(map(tuple, map(str.split, lines[1:])))
         if len(merges) != _NUM_MERGES or set(map(len, merges)) != {2}:
-            raise ValueError(
+            raise InputError(
                 f"{bpe_path} is not a CLIP BPE merges file: expected {_NUM_MERGES} lines of two symbols after the "
                 "header; use the bpe_simple_vocab_16e6.txt.gz shipped with openclip_lite"
             )
@@ -175,7 +175,7 @@ class SimpleTokenizer:
         """
         if isinstance(tokens, torch.Tensor):
             if tokens.dim() > 1:
-                raise ValueError(f"decode takes one sequence of ids, got a tensor of shape {tuple(tokens.shape)}")
+                raise InputError(f"decode takes one sequence of ids, got a tensor of shape {tuple(tokens.shape)}")
             tokens = tokens.tolist()
         symbols = []
         for token in tokens:
@@ -184,7 +184,7 @@ class SimpleTokenizer:
             except TypeError:
                 symbol = None
             if symbol is None:
-                raise ValueError(f"{token!r} is not a token id; ids are ints from 0 to {len(self.decoder) - 1}")
+                raise InputError(f"{token!r} is not a token id; ids are ints from 0 to {len(self.decoder) - 1}")
             symbols.append(symbol)
         text = "".join(symbols)
         return bytearray(self.byte_decoder[c] for c in text).decode("utf-8", errors="replace").replace("</w>", " ")
@@ -388,7 +388,7 @@ def _check_context_length(context_length: Any) -> int:
     except TypeError:
         raise TextTypeError(f"context_length must be an int, got {type(context_length).__name__}") from None
     if context_length < 2:
-        raise ValueError(f"context_length must be at least 2 (room for the SOT and EOT tokens), got {context_length}")
+        raise InputError(f"context_length must be at least 2 (room for the SOT and EOT tokens), got {context_length}")
     return context_length
 
 

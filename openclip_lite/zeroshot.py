@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from .errors import InputError, TextTypeError
 from .imagenet import IMAGENET_CLASSES, IMAGENET_TEMPLATES
 from .search import encode_texts
 from .transform import open_image
@@ -27,18 +28,18 @@ def _device(model: torch.nn.Module) -> torch.device:
 
 def _check_batch_size(batch_size: int) -> None:
     if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, not {batch_size}")
+        raise InputError(f"batch_size must be at least 1, not {batch_size}")
 
 
 def _as_str_list(values: Iterable[str], what: str) -> list[str]:
     """`values` as a list of str; a list rather than the iterable given, so a generator is read only once."""
     # a str is an iterable of one-letter strings: classifying into "d", "o", "g" is never what was meant
     if isinstance(values, str) or not isinstance(values, Iterable):
-        raise TypeError(f"{what} must be a list of strings, got a single {type(values).__name__}")
+        raise TextTypeError(f"{what} must be a list of strings, got a single {type(values).__name__}")
     values = list(values)
     for value in values:
         if not isinstance(value, str):
-            raise TypeError(f"{what} must be strings, got {value!r} ({type(value).__name__})")
+            raise TextTypeError(f"{what} must be strings, got {value!r} ({type(value).__name__})")
     return values
 
 
@@ -50,7 +51,7 @@ def _check_template(template: str) -> None:
         fields = None
     # one bare {}: no field would give every class the same prompt, "{0}"/"{:>9}"/"{!r}" are not the recipe
     if fields != [("", "", None)]:
-        raise ValueError(
+        raise InputError(
             f"template {template!r} needs exactly one {{}} where the class name goes and no other {{...}} field; "
             "write {{ or }} for a literal brace"
         )
@@ -76,9 +77,9 @@ def zero_shot_classifier(
     classnames = _as_str_list(classnames, "class names")
     templates = _as_str_list(templates, "templates")
     if not classnames:
-        raise ValueError("zero-shot classification needs at least one class name")
+        raise InputError("zero-shot classification needs at least one class name")
     if not templates:
-        raise ValueError("zero-shot classification needs at least one template; leave templates out for the default")
+        raise InputError("zero-shot classification needs at least one template; leave templates out for the default")
     for template in templates:
         _check_template(template)
     _check_batch_size(batch_size)
@@ -143,10 +144,10 @@ def top_k(probs: Tensor, labels: Iterable[str], k: int = 5) -> list[list[tuple[s
     if probs.dim() == 1:
         probs = probs.unsqueeze(0)
     if probs.dim() != 2:
-        raise ValueError(f"probs must have shape (num_images, num_labels), got {tuple(probs.shape)}")
+        raise InputError(f"probs must have shape (num_images, num_labels), got {tuple(probs.shape)}")
     if probs.shape[1] != len(labels):
-        raise ValueError(f"probs has {probs.shape[1]} columns but {len(labels)} labels were given; give one label per column, in order")
+        raise InputError(f"probs has {probs.shape[1]} columns but {len(labels)} labels were given; give one label per column, in order")
     if k < 1:
-        raise ValueError(f"k must be at least 1, not {k}")
+        raise InputError(f"k must be at least 1, not {k}")
     values, indices = probs.topk(min(k, probs.shape[1]), dim=-1)
     return [[(labels[i], float(v)) for v, i in zip(row_values, row_indices)] for row_values, row_indices in zip(values.tolist(), indices.tolist())]

@@ -416,3 +416,29 @@ def test_the_readmes_error_table_holds():
             for base in re.findall(r"`(\w+)`", bases.split("(")[0]):
                 expected = getattr(builtins, base, None) or getattr(clip, base)
                 assert issubclass(error, expected), f"{name} is not a {base}"
+
+
+def _mmap_index_add(tmp_path):
+    features = torch.nn.functional.normalize(torch.randn(50, 8, generator=torch.Generator().manual_seed(0)), dim=-1)
+    clip.build_index(features, kind="ivf_flat").save(tmp_path / "index")
+    clip.load_index(tmp_path / "index", mmap=True).add(features[:1])
+
+
+BAD_VALUES = {
+    "template without {}": lambda tmp_path: clip.zero_shot_classifier(reference_model("tiny-vit"), ["cat"], templates=("a photo",)),
+    "context of 1": lambda tmp_path: clip.tokenize("a", context_length=1),
+    "top_k k=0": lambda tmp_path: clip.top_k(torch.rand(1, 2), ["a", "b"], k=0),
+    "search k=0": lambda tmp_path: clip.search(torch.rand(1, 4), torch.rand(3, 4), k=0),
+    "loss of a non-square matrix": lambda tmp_path: clip.contrastive_loss(torch.rand(2, 3)),
+    "memory budget too small": lambda tmp_path: clip.build_index(torch.rand(100, 8), kind="flat", memory_budget=1000),
+    "add to an mmap'd index": _mmap_index_add,
+    "decode of a 2-d tensor": lambda tmp_path: SimpleTokenizer().decode(torch.zeros(2, 2, dtype=torch.long)),
+}
+
+
+@pytest.mark.parametrize("case", BAD_VALUES)
+def test_every_bad_value_is_one_of_our_errors_and_a_value_error(case, tmp_path):
+    # README: every error raised on purpose is an OpenCLIPLiteError, and the builtin a caller already catches
+    with pytest.raises(OpenCLIPLiteError) as raised:
+        BAD_VALUES[case](tmp_path)
+    assert isinstance(raised.value, ValueError)
