@@ -126,7 +126,7 @@ def load(
     try:
         if image_size is not None:
             state_dict = resize_image_embeddings(state_dict, image_size)
-        model = build_model(state_dict)
+        model = build_model(state_dict, copy=False)  # the tensors read from the file are this model's alone
     except CheckpointError as e:  # build_model sees only the tensors: the error names the file here
         raise not_a_clip_checkpoint(path, state_dict, e) from e
     if dtype is None:

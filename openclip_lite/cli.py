@@ -471,15 +471,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    dashed: list[str] = []
     if args.command == "search" and "--" in extra:  # `search INDEX -k 1 -- "-red"`: the words after "--" are queries
         cut = extra.index("--")
-        args.queries += extra[cut + 1 :]
-        extra = extra[:cut]
+        extra, dashed = extra[:cut], extra[cut + 1 :]
     # argparse fills positionals once, so `search INDEX -k 5 "a query"` leaves the query over: it is a query
     if extra and args.command == "search" and not any(word.startswith("-") for word in extra):
         args.queries += extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if dashed:  # after the words before "--", in the order given
+        args.queries += dashed
     try:
         with warnings.catch_warnings():  # restores Python's own printer for callers of main() in a process of theirs
             # warnings are messages for the user here (a skipped image, 16-bit pixels clipped, a recall short of its

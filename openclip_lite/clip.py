@@ -10,14 +10,14 @@ URL, cached, and offline-aware.
 """
 
 import os
+from typing import Optional
 
 from torchvision.transforms import InterpolationMode
 
 from . import available_models, build_model, load, tokenize  # noqa: F401 (build_model: OpenAI's has it, outside __all__)
-from .download import OPENAI_ROOT, download, openai_url
 from .errors import UnknownModelError
 from .pretrained import MODELS
-from .tokenizer import SimpleTokenizer as _Tokenizer  # noqa: F401 (OpenAI's private name)
+from .tokenizer import SimpleTokenizer as _Tokenizer  # OpenAI's private name
 from .tokenizer import default_tokenizer
 from .transform import _convert_image_to_rgb  # noqa: F401 (OpenAI's private names, which some projects import)
 from .transform import preprocess as _transform  # noqa: F401
@@ -28,8 +28,11 @@ BICUBIC = InterpolationMode.BICUBIC
 _MODELS: dict[str, str] = {name: model.url for name, model in MODELS.items()}
 
 
-def _download(url: str, root: "str | os.PathLike" = OPENAI_ROOT) -> str:
-    """OpenAI's `_download`: the path of the released model at `url` in `root`, downloaded and SHA256-checked."""
+def _download(url: str, root: "Optional[str | os.PathLike]" = None) -> str:
+    """OpenAI's `_download`: the path of the released model at `url` in `root` (None: ~/.cache/clip, as OpenAI's),
+    downloaded and SHA256-checked."""
+    from .download import download, openai_url  # huggingface_hub and filelock: only when a download is asked for
+
     for name, model in MODELS.items():
         if url in (model.url, openai_url(model)):
             return download(name, root, source="openai")
@@ -39,8 +42,7 @@ def _download(url: str, root: "str | os.PathLike" = OPENAI_ROOT) -> str:
     )
 
 
-
-def __getattr__(name: str):
+def __getattr__(name: str) -> _Tokenizer:
     # OpenAI builds `_tokenizer` when the module is imported; here on first use, so `import openclip_lite` stays cheap
     if name == "_tokenizer":
         return default_tokenizer()

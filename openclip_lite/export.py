@@ -89,7 +89,7 @@ def export_onnx(model: CLIP, directory: "str | os.PathLike", opset: Optional[int
     try:
         os.mkdir(staging)
     except OSError as e:  # a read-only or system folder: the error names the user's folder, not the hidden one
-        raise ExportError(f"cannot write into {directory} ({e.strerror}); export into a folder of your own") from e
+        raise ExportError(f"cannot write into {directory} ({e.strerror or e}); export into a folder of your own") from e
     try:
         config = _export_into(model, staging, opset, exporters)
         _move_into_place(staging, directory)

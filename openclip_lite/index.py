@@ -447,6 +447,8 @@ class Index:
         written under a temporary name and renamed, meta.json last, so a reader never mixes old and new files
         unnoticed (meta.json holds the size and SHA256 of the others).
         """
+        if self._read_only:  # write_index writes mmap'd IVF lists as a reference to the file they are read from
+            raise InputError("this index was loaded with mmap=True and is read-only; load it with mmap=False to save it")
         faiss = _faiss()
         path = os.fspath(path)
         check_save_path(path)

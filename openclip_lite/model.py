@@ -938,11 +938,12 @@ def _resample_grid(embedding: Tensor, grid: int) -> Tensor:
     return torch.cat([first, cells.to(embedding.dtype)])
 
 
-def build_model(state_dict: dict[str, Tensor]) -> CLIP:
+def build_model(state_dict: dict[str, Tensor], *, copy: bool = True) -> CLIP:
     """A CLIP in fp32 with the architecture read from `state_dict` and its weights loaded strictly.
 
     Any checkpoint in OpenAI's layout loads, not only the nine released ones; a missing, extra or misshapen key is
-    a CheckpointError that names the key.
+    a CheckpointError that names the key. The model holds copies of the tensors, as OpenAI's does; `copy=False`
+    lets it take the fp32 ones instead (for a state dict no one else holds: `load` reads one from the file).
     """
     state_dict = {k: v for k, v in state_dict.items() if k not in NON_WEIGHT_KEYS}
     config = model_config(state_dict)
@@ -971,7 +972,7 @@ def build_model(state_dict: dict[str, Tensor]) -> CLIP:
             raise CheckpointError(f"checkpoint entry {key!r} has dtype {value.dtype}, expected {expected[key].dtype}")
     # copies, as OpenAI's load_state_dict into a built model makes: two models built from one state dict (a
     # fine-tuned one beside the zero-shot one, a teacher and its student) must not share their weights
-    state_dict = {k: v.to(torch.float32 if v.is_floating_point() else v.dtype, copy=True) for k, v in state_dict.items()}
+    state_dict = {k: v.to(torch.float32 if v.is_floating_point() else v.dtype, copy=copy) for k, v in state_dict.items()}
     model.load_state_dict(state_dict, strict=True, assign=True)
     return model.eval()
 

@@ -464,7 +464,8 @@ def save_embeddings(path: PathLike, features: Tensor, paths: Sequence[str], mode
     of the paths, kept out of the header because safetensors caps headers at 100 MB, which a few million paths
     would pass), and the header metadata {"format": "openclip-lite.embeddings", "version": "1", "model": ...}.
     Nothing in it is pickled, so loading it runs no code. Written to a temporary file and renamed, so an
-    interrupted run never leaves a half-written file under `path`.
+    interrupted run never leaves a half-written file under `path`. A file already at `path` is replaced only when
+    it holds embeddings (or nothing); any other (a model checkpoint given by mistake) is an InputError.
     """
     from safetensors.torch import save_file
 
@@ -499,10 +500,10 @@ def check_replaceable(path: str) -> None:
     checkpoint or any other file given as the output by mistake is never overwritten."""
     if os.path.isdir(path):
         raise InputError(f"{path} is a folder; give the embeddings file a name ending in {' or '.join(EMBEDDINGS_SUFFIXES)}")
-    if os.path.exists(path) and _header_format(path) != EMBEDDINGS_FORMAT:
+    if os.path.exists(path) and os.path.getsize(path) and _header_format(path) != EMBEDDINGS_FORMAT:
         raise InputError(
             f"{path} exists and is not an embeddings file (a model checkpoint?), so it is kept; write the "
-            "embeddings to a new name, e.g. --out photos.safetensors"
+            "embeddings to a new file, e.g. photos.safetensors"
         )
 
 

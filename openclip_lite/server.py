@@ -177,7 +177,7 @@ def create_app(
         """The top-k rows for features (1, dim), cut to one page."""
         count = len(index)
         if count:
-            scores, ids = index.search(features.float().cpu(), min(k, count))  # a FAISS Index refuses k > n
+            scores, ids = index.search(features.float().cpu(), min(k, count))
             rows = [(int(i), float(s)) for s, i in zip(scores.tolist()[0], ids.tolist()[0]) if i >= 0]  # FAISS pads with -1
         else:
             rows = []

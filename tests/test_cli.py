@@ -388,6 +388,7 @@ def test_search_queries_too_long_after_dashes_and_in_any_script(tmp_path):
     assert result.returncode == 1 and "--truncate" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     result = run("search", str(out), long, "--truncate", "--device", "cpu", "-k", "1")
     assert result.returncode == 0, result.stderr
-    result = run("search", str(out), "-k", "1", "--device", "cpu", "--", "-red circle", "红色 circle")
+    result = run("search", str(out), "-k", "1", "--device", "cpu", "a blue square", "--", "-red circle", "红色 circle")
     assert result.returncode == 0, result.stderr
-    assert '"-red circle"' in result.stdout and '"红色 circle"' in result.stdout
+    labels = [line for line in result.stdout.splitlines() if not line.startswith(" ")]
+    assert labels == ['"a blue square"', '"-red circle"', '"红色 circle"']  # in the order given, as written

@@ -6,6 +6,8 @@ The recipe of CoOp and its family is run as written there: the URL from `_MODELS
 
 import hashlib
 import io
+import subprocess
+import sys
 import types
 from pathlib import Path
 
@@ -39,6 +41,17 @@ def test_the_package_has_openais_submodules():
     for name in ("clip", "model", "simple_tokenizer"):
         assert isinstance(getattr(openai_clip, name), types.ModuleType)
         assert isinstance(getattr(openclip_lite, name), types.ModuleType), name
+
+
+def test_importing_the_package_downloads_nothing_and_builds_no_tokenizer():
+    # OpenAI's `clip.clip` builds its tokenizer and imports its downloader at import; ours waits for their first use
+    code = (
+        "import sys, openclip_lite, openclip_lite.tokenizer as t\n"
+        "assert openclip_lite.clip and t._default is None, 'tokenizer built'\n"
+        "assert not {'huggingface_hub', 'filelock', 'openclip_lite.download'} & set(sys.modules), 'downloader imported'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
 
 
 @pytest.mark.parametrize("n_px", [224, 288, 336])

@@ -243,6 +243,8 @@ def test_save_load_gives_identical_answers(indexes, data, kind, tmp_path):
         assert loaded.nbytes == index.nbytes  # `index info` loads with mmap, whose IVF lists write_index skips
     with pytest.raises(ValueError, match="read-only"):
         loaded.add(q[:1], paths=["x.jpg"])
+    with pytest.raises(ValueError, match="read-only"):  # write_index would write a reference to the mmap'd file
+        loaded.save(tmp_path / "copy")
 
 
 def test_nbytes_and_estimate_match_the_files(indexes, tmp_path):

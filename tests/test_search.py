@@ -544,3 +544,7 @@ def test_saving_embeddings_never_replaces_another_file(tmp_path):
     out.write_bytes(out.read_bytes()[:-16])
     save_embeddings(out, features[:1], ["c.jpg"], "ViT-B/32")
     assert load_embeddings(out).paths == ["c.jpg"]
+    empty = tmp_path / "empty.safetensors"  # an empty file holds nothing to keep (a tempfile made for the output)
+    empty.touch()
+    save_embeddings(empty, features, ["a.jpg", "b.jpg"], "ViT-B/32")
+    assert load_embeddings(empty).paths == ["a.jpg", "b.jpg"]
