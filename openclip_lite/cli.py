@@ -109,7 +109,7 @@ def cmd_embed(args: argparse.Namespace) -> None:
         )
     if not kept:
         raise ValueError(f"none of the {len(paths)} image files could be read; nothing was written to {args.out}")
-    model_name = os.path.abspath(args.model) if os.path.isfile(args.model) else args.model  # usable from any folder
+    model_name = _model_for_index(args.model)
     kept_paths = [os.path.abspath(paths[i]) for i in kept]
     written = save_search_index(args.out, features, kept_paths, model_name, kind=kind, **build_options)
     skipped_note = f", skipped {len(skipped)} unreadable (see the warnings above)" if skipped else ""
@@ -223,12 +223,16 @@ def cmd_index_to_milvus(args: argparse.Namespace) -> None:
         print(f"{len(index)} vectors of {index.model or 'an unnamed model'} in collection {args.collection!r} at {args.uri}")
 
 
+def _model_for_index(model: Optional[str]) -> Optional[str]:
+    """The model name an index records: a checkpoint file by its absolute path, so the index is usable from any folder."""
+    return os.path.abspath(model) if model and os.path.isfile(model) else model
+
+
 def cmd_index_build(args: argparse.Namespace) -> None:
     from .index import build_index
 
     options = {"memory_budget": args.memory_budget} if args.memory_budget else {}
-    model = os.path.abspath(args.model) if args.model and os.path.isfile(args.model) else args.model  # as embed: from any folder
-    index = build_index(args.shards, kind=args.kind, metric=args.metric, model=model, target_recall=args.target_recall, **options)
+    index = build_index(args.shards, kind=args.kind, metric=args.metric, model=_model_for_index(args.model), target_recall=args.target_recall, **options)
     index.save(args.out)
     print(f"{len(index)} vectors of {index.model or 'an unnamed model'} from {args.shards}: {_describe(index)}; written to {args.out}")
 

@@ -295,12 +295,17 @@ def test_thumbnail(server, indexed):
     assert thumb.size == Image.open(indexed[1][5]).size  # 96 px drawings are not enlarged
 
 
-def test_large_photos_are_thumbnailed(tiny, tmp_path):
+def serving_one_image(tiny, path: str):
+    """A running server whose index holds the one image at `path`, as id 0; yields its port."""
     _, model, preprocess = tiny
+    index = Embeddings(torch.nn.functional.normalize(torch.randn(1, 32), dim=-1), [path], "tiny")
+    return running(create_app(index, model, preprocess))
+
+
+def test_large_photos_are_thumbnailed(tiny, tmp_path):
     path = str(tmp_path / "big.jpg")
     Image.new("RGB", (1200, 800), (200, 30, 30)).save(path)
-    index = Embeddings(torch.nn.functional.normalize(torch.randn(1, 32), dim=-1), [path], "tiny")
-    with running(create_app(index, model, preprocess)) as port:
+    with serving_one_image(tiny, path) as port:
         answer = http(port, "GET", "/api/thumb/0")
     assert answer.status == 200 and Image.open(io.BytesIO(answer.body)).size == (256, 171)
 
@@ -310,11 +315,9 @@ def mean_colour(answer: Answer) -> tuple[float, ...]:
 
 
 def test_a_replaced_or_deleted_image_is_never_served_from_the_cache(tiny, tmp_path):
-    _, model, preprocess = tiny
     path = str(tmp_path / "photo.png")
     Image.new("RGB", (64, 64), (220, 20, 20)).save(path)
-    index = Embeddings(torch.nn.functional.normalize(torch.randn(1, 32), dim=-1), [path], "tiny")
-    with running(create_app(index, model, preprocess)) as port:
+    with serving_one_image(tiny, path) as port:
         first = http(port, "GET", "/api/thumb/0")
         assert mean_colour(first) == pytest.approx((220, 20, 20), abs=8)
         # the browser keeps its copy but asks each time it shows it: unchanged, the answer is a bodiless 304
